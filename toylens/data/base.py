@@ -1,0 +1,115 @@
+"""The Task contract: a synthetic task is data, not a special case in the training loop.
+
+A task samples ``Batch(tokens, targets, loss_mask)``; the loss is cross-entropy of ``targets``
+where ``loss_mask`` is true. "Predict the previous token", "answer only after the separator" and
+"next token" therefore differ only in what the generator writes into those three tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: Int[Tensor, "batch pos"]
+    targets: Int[Tensor, "batch pos"]
+    loss_mask: Bool[Tensor, "batch pos"]
+
+    def __post_init__(self) -> None:
+        shapes = {self.tokens.shape, self.targets.shape, self.loss_mask.shape}
+        if len(shapes) != 1 or self.tokens.ndim != 2:
+            raise ValueError(f"Batch tensors must share one [batch, pos] shape, got {shapes}")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.tokens.to(device), self.targets.to(device), self.loss_mask.to(device))
+
+    def __getitem__(self, rows: slice | Tensor) -> Batch:
+        """Rows of the batch (a slice or an index tensor), e.g. ``batch[:250]`` for chunked work."""
+        return Batch(self.tokens[rows], self.targets[rows], self.loss_mask[rows])
+
+
+@dataclass
+class TaskConfig:
+    """Base of every task's config dataclass (registered with Hydra's ConfigStore as ``task/<name>_schema``)."""
+
+    name: str = "???"
+
+
+class Task:
+    """A synthetic task. Subclasses set ``name``/``config_cls`` and implement ``sample``.
+
+    Instances expose ``d_vocab`` (vocabulary size the model needs), ``seq_len`` (tokens per
+    sequence, the model's minimum ``n_ctx``) and ``token_names`` (one label per token id, for plots).
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[TaskConfig]]
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    # --- the contract -------------------------------------------------------------------------
+    @property
+    def d_vocab(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def token_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """A batch generated on ``generator.device`` using only ``generator`` for randomness."""
+        raise NotImplementedError
+
+    def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Corrupted counterparts of ``batch`` (same shape) for activation patching."""
+        raise NotImplementedError(f"task {self.name!r} offers no corrupt()")
+
+    def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Tensor:
+        """Fraction of loss-masked positions whose argmax logit is the target (a 0-dim tensor)."""
+        correct = (logits.argmax(-1) == batch.targets) & batch.loss_mask
+        return correct.sum() / batch.loss_mask.sum().clamp(min=1)
+
+    # --- helpers shared by all tasks ----------------------------------------------------------
+    def eval_set(self, size: int, seed: int, device: torch.device | str = "cpu") -> Batch:
+        """The fixed held-out set: the same ``seed`` always gives the same batch."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return self.sample(size, gen)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "d_vocab": self.d_vocab,
+            "seq_len": self.seq_len,
+            **{f.name: getattr(self.cfg, f.name) for f in fields(self.cfg) if f.name != "name"},
+        }
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: add a Task subclass to the registry under ``cls.name``."""
+    if cls.name in TASKS:
+        raise ValueError(f"task {cls.name!r} registered twice")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    if cfg.name not in TASKS:
+        raise KeyError(cfg.name)
+    return TASKS[cfg.name](cfg)
