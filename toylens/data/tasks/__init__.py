@@ -1,3 +1,10 @@
 """Built-in tasks; importing a module registers its task."""
 
-from toylens.data.tasks import prev_token  # noqa: F401
+from toylens.data.tasks import (  # noqa: F401
+    brackets,
+    icl,
+    induction,
+    modular_add,
+    prev_token,
+    seq2seq,
+)

@@ -1,0 +1,246 @@
+"""Direct logit attribution (DLA) of the target logit, and the logit lens.
+
+DLA splits the final residual stream into the components that wrote it, in residual order:
+``embed``, ``pos_embed`` (only for standard positional embeddings, not "none" or rotary), one
+``L{layer}H{head}`` per head (``hook_z @ W_O``, without ``b_O``), ``{layer}_mlp_out`` per MLP
+(``hook_mlp_out``, ``b_out`` included) and ``bias`` (the sum of every ``b_O``) -- the labels and split
+of TransformerLens's ``cache.get_full_resid_decomposition(expand_neurons=False)``. Each component
+``x`` is projected on the target's unembedding direction through the final norm:
+
+    dla(x) = center(x) / scale . (w * W_U[:, target])
+
+where ``scale`` is the CACHED ``ln_final.hook_scale`` of the real forward pass, ``center``
+subtracts the mean over d_model for LayerNorm (LN / LNPre) and is the identity for RMS, and ``w``
+is ``ln_final.w`` (1 once folded). This is TransformerLens's ``cache.apply_ln_to_stack`` followed by
+``cache.logit_attrs``. With a norm it is the standard linear approximation: the scale is frozen at
+its cached value, as if the other components were still there. On that footing it is exact:
+
+    sum(components) + logit_bias == logit[target]
+    logit_bias = b_U[target] + ln_final.b . W_U[:, target]
+
+(``ln_final.b`` only for an unfolded LayerNorm; ``logit_bias`` is just ``b_U[target]`` for LNPre,
+RMS and no norm.) With ``normalization_type=None`` nothing is frozen and the identity is exact.
+``relative_to_mean=True`` attributes ``logit[target] - mean_vocab(logit)`` instead (the notebook
+subtracts the mean logit): ``W_U`` and ``b_U`` are centred over the vocabulary first.
+
+The logit lens applies ``ln_final`` (statistics recomputed per stage, as
+``cache.accumulated_resid(apply_ln=True)`` does) and the unembedding to ``resid_pre`` of every
+layer and to the final ``resid_post``; the last stage is the model's own output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from toylens._compat import HookedTransformer
+from toylens.analyze import plots
+from toylens.analyze.result import Result
+from toylens.data.base import Batch
+from toylens.train.model import positional_embedding_type
+
+
+def _check_linear_unembed(model: HookedTransformer) -> None:
+    if (model.cfg.output_logits_soft_cap or 0) > 0:
+        raise ValueError("logit attribution needs a linear unembed; this model soft-caps its logits")
+
+
+def _final_norm(model: HookedTransformer) -> tuple[bool, Tensor | None, Tensor | None]:
+    """(centers, w, b) of ``ln_final``; (False, None, None) without one."""
+    ln = getattr(model, "ln_final", None)
+    if ln is None or model.cfg.normalization_type is None:
+        return False, None, None
+    centers = type(ln).__name__ in ("LayerNorm", "LayerNormPre")
+    return centers, getattr(ln, "w", None), getattr(ln, "b", None)
+
+
+def component_labels(model: HookedTransformer) -> list[str]:
+    """DLA component labels in residual order (see the module docstring)."""
+    labels = ["embed"]
+    if positional_embedding_type(model) == "standard":
+        labels.append("pos_embed")
+    for layer in range(model.cfg.n_layers):
+        labels += [f"L{layer}H{h}" for h in range(model.cfg.n_heads)]
+        if not model.cfg.attn_only:
+            labels.append(f"{layer}_mlp_out")
+    return labels + ["bias"]
+
+
+class TokenDLA(NamedTuple):
+    dla: Float[Tensor, "component batch pos"]
+    labels: list[str]
+    logit_bias: Float[Tensor, "batch pos"]
+    target_logit: Float[Tensor, "batch pos"]
+
+
+@torch.no_grad()
+def dla_per_token(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                  targets: Int[Tensor, "batch pos"], relative_to_mean: bool = False) -> TokenDLA:
+    """DLA of ``targets`` at every position of one chunk of rows (see the module docstring)."""
+    _check_linear_unembed(model)
+    n_layers, has_pos = model.cfg.n_layers, positional_embedding_type(model) == "standard"
+    names = {"hook_embed", "ln_final.hook_scale"} | {f"blocks.{l}.attn.hook_z" for l in range(n_layers)}
+    if has_pos:
+        names.add("hook_pos_embed")
+    if not model.cfg.attn_only:
+        names |= {f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+    W_U, b_U = model.W_U, model.b_U
+    if relative_to_mean:
+        W_U, b_U, logits = W_U - W_U.mean(-1, keepdim=True), b_U - b_U.mean(), logits - logits.mean(-1, keepdim=True)
+    target_logit = logits.gather(-1, targets[..., None])[..., 0]
+    direction = einops.rearrange(W_U[:, targets], "d_model batch pos -> batch pos d_model")
+    logit_bias = b_U[targets]
+    centers, w, b = _final_norm(model)
+    if b is not None:
+        logit_bias = logit_bias + direction @ b
+    if w is not None:
+        direction = direction * w
+    if centers:  # (x - mean x) . d == x . (d - mean d)
+        direction = direction - direction.mean(-1, keepdim=True)
+    if "ln_final.hook_scale" in cache.cache_dict:
+        direction = direction / cache["ln_final.hook_scale"]
+
+    def project(x: Tensor) -> Tensor:
+        return einops.einsum(x, direction, "batch pos d_model, batch pos d_model -> batch pos")
+
+    parts = [project(cache["hook_embed"])]
+    if has_pos:
+        parts.append(project(cache["hook_pos_embed"]))
+    for layer in range(n_layers):
+        z, W_O = cache[f"blocks.{layer}.attn.hook_z"], model.blocks[layer].attn.W_O
+        parts += list(einops.einsum(z, W_O, direction, "batch pos head_index d_head, head_index d_head d_model, "
+                                                       "batch pos d_model -> head_index batch pos"))
+        if not model.cfg.attn_only:
+            parts.append(project(cache[f"blocks.{layer}.hook_mlp_out"]))
+    parts.append(project(model.accumulated_bias(n_layers, include_mlp_biases=False).expand_as(direction)))
+    return TokenDLA(torch.stack(parts), component_labels(model), logit_bias, target_logit)
+
+
+def _masked_mean(x: Tensor, mask: Bool[Tensor, "batch pos"]) -> Tensor:
+    return (x * mask).sum(dim=(-2, -1)) / mask.sum().clamp(min=1)
+
+
+@dataclass
+class DLAResult(Result):
+    """Direct logit attribution of the target logit, averaged over the loss-masked positions.
+
+    ``mean``: per component ``[component]``; ``per_pos``: ``[component, pos]`` averaged over the rows
+    where that position is masked (NaN where it never is). ``target_logit_mean`` and
+    ``logit_bias_mean`` close the identity: ``mean.sum() + logit_bias_mean == target_logit_mean``.
+    """
+
+    labels: list[str]
+    mean: Float[Tensor, "component"]
+    per_pos: Float[Tensor, "component pos"]
+    target_logit_mean: float
+    logit_bias_mean: float
+    relative_to_mean: bool
+    normalization_type: str | None
+    n_positions: int
+
+    def figures(self) -> dict:
+        what = "target logit - mean logit" if self.relative_to_mean else "target logit"
+        return {
+            "dla/components": plots.bar(self.mean, labels=self.labels, yaxis=what,
+                                        title=f"Direct logit attribution ({what}), mean over masked positions"),
+            "dla/per_pos": plots.line(self.per_pos, labels=self.labels, xaxis="pos", yaxis=what,
+                                      title="Direct logit attribution per position"),
+        }
+
+
+def direct_logit_attribution(model: HookedTransformer, batch: Batch, relative_to_mean: bool = False,
+                             chunk_size: int = 250, progress: bool = False) -> DLAResult:
+    """DLA of ``batch.targets`` per component, over the positions where ``batch.loss_mask``."""
+    batch = batch.to(model.cfg.device)
+    total = count = per_pos = pos_count = None
+    logit_sum = bias_sum = 0.0
+    for start in tqdm(range(0, len(batch), chunk_size), disable=not progress, desc="dla"):
+        rows = batch[start:start + chunk_size]
+        out = dla_per_token(model, rows.tokens, rows.targets, relative_to_mean)
+        mask = rows.loss_mask.to(out.dla.dtype)
+        if total is None:
+            total, per_pos = torch.zeros(len(out.labels)), torch.zeros(len(out.labels), mask.shape[1])
+            count, pos_count = 0.0, torch.zeros(mask.shape[1])
+        total += (out.dla * mask).sum(dim=(1, 2)).cpu()
+        per_pos += (out.dla * mask).sum(1).cpu()
+        pos_count += mask.sum(0).cpu()
+        count += float(mask.sum())
+        logit_sum += float((out.target_logit * mask).sum())
+        bias_sum += float((out.logit_bias * mask).sum())
+    n = max(count, 1.0)
+    return DLAResult(
+        labels=component_labels(model), mean=total / n,
+        per_pos=torch.where(pos_count > 0, per_pos / pos_count.clamp(min=1), float("nan")),
+        target_logit_mean=logit_sum / n, logit_bias_mean=bias_sum / n, relative_to_mean=relative_to_mean,
+        normalization_type=model.cfg.normalization_type, n_positions=int(count),
+    )
+
+
+@dataclass
+class LogitLensResult(Result):
+    """Loss and accuracy on the batch's masked targets when decoding each residual stage.
+
+    ``labels``: ``{layer}_pre`` per layer then ``final_post`` (as ``cache.accumulated_resid``).
+    ``loss``/``accuracy``: ``[stage]``; ``loss_per_pos``: ``[stage, pos]`` (NaN where never masked).
+    ``model_loss``: the model's own loss on the batch (equals ``loss[-1]``).
+    """
+
+    labels: list[str]
+    loss: Float[Tensor, "stage"]
+    accuracy: Float[Tensor, "stage"]
+    loss_per_pos: Float[Tensor, "stage pos"]
+    model_loss: float
+    n_positions: int
+
+    def figures(self) -> dict:
+        return {
+            "logit_lens/loss": plots.line(self.loss, labels=["loss"], x=None, xaxis="stage", yaxis="loss",
+                                          title="Logit lens: loss per residual stage (" + ", ".join(self.labels) + ")"),
+            "logit_lens/accuracy": plots.bar(self.accuracy, labels=self.labels, yaxis="accuracy",
+                                             title="Logit lens: accuracy per residual stage"),
+            "logit_lens/loss_per_pos": plots.heatmap(self.loss_per_pos, y_labels=self.labels, diverging=False,
+                                                     xaxis="pos", yaxis="stage", title="Logit lens: loss per position"),
+        }
+
+
+@torch.no_grad()
+def logit_lens(model: HookedTransformer, batch: Batch, chunk_size: int = 250,
+               progress: bool = False) -> LogitLensResult:
+    """Decode ``resid_pre`` of each layer and the final ``resid_post`` with ``ln_final`` + unembed."""
+    _check_linear_unembed(model)
+    batch = batch.to(model.cfg.device)
+    n_layers, n_pos = model.cfg.n_layers, batch.tokens.shape[1]
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    labels = [f"{l}_pre" for l in range(n_layers)] + ["final_post"]
+    nll = torch.zeros(len(names), n_pos, dtype=torch.float64)
+    correct = torch.zeros(len(names), dtype=torch.float64)
+    count = torch.zeros(n_pos, dtype=torch.float64)
+    model_nll = 0.0
+    for start in tqdm(range(0, len(batch), chunk_size), disable=not progress, desc="logit lens"):
+        rows = batch[start:start + chunk_size]
+        logits, cache = model.run_with_cache(rows.tokens, names_filter=lambda name: name in names)
+        mask = rows.loss_mask.double()
+        count += mask.sum(0).cpu()
+        model_nll += float((-logits.log_softmax(-1).gather(-1, rows.targets[..., None])[..., 0] * mask).sum())
+        for i, name in enumerate(names):
+            resid = cache[name]
+            if model.cfg.normalization_type is not None:
+                resid = model.ln_final(resid)
+            stage_logits = model.unembed(resid)
+            logp = stage_logits.log_softmax(-1).gather(-1, rows.targets[..., None])[..., 0]
+            nll[i] += (-logp.double() * mask).sum(0).cpu()
+            correct[i] += float(((stage_logits.argmax(-1) == rows.targets).double() * mask).sum())
+    n = count.sum().clamp(min=1)
+    return LogitLensResult(
+        labels=labels, loss=(nll.sum(1) / n).float(), accuracy=(correct / n).float(),
+        loss_per_pos=torch.where(count > 0, nll / count.clamp(min=1), float("nan")).float(),
+        model_loss=model_nll / float(n), n_positions=int(count.sum()),
+    )

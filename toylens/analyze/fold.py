@@ -1,0 +1,112 @@
+"""Fold LayerNorm into the weights, and prove on real tokens that nothing changed.
+
+Folding (``toylens.train.model.fold_layer_norm``, i.e. TransformerLens's
+``load_and_process_state_dict(fold_ln=True, center_writing_weights=True, center_unembed=True)``)
+moves each LayerNorm's ``w``/``b`` into the weights that read from it, so ``W_E W_Q W_K^T W_E^T``
+and friends are the circuits the model really computes. It is supposed to be exact up to float
+error; ``fold`` never trusts that: it always compares log-probs of the original and folded model on
+the tokens given and raises ``FoldCheckError`` when they differ by more than ``tol``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from toylens._compat import HookedTransformer
+from toylens.analyze.result import Result
+from toylens.data.base import Batch
+from toylens.train.model import fold_layer_norm, positional_embedding_type
+
+FOLDABLE = ("LN", "RMS")
+
+
+class FoldCheckError(RuntimeError):
+    """The folded model's log-probs differ from the original's by more than the tolerance."""
+
+
+@dataclass
+class FoldResult(Result):
+    """The folded model plus the evidence that it computes the same function.
+
+    ``model`` is the folded model (the original, unchanged, when there was nothing to fold); it is
+    left out of ``to_dict``. ``max_abs_logprob_diff`` is max |log p_orig - log p_folded| over every
+    batch row, position and vocabulary entry checked.
+    """
+
+    model: HookedTransformer = field(repr=False)
+    normalization_type: str | None
+    folded_normalization_type: str | None
+    positional_embedding_type: str
+    max_abs_logprob_diff: float
+    tol: float
+    passed: bool
+    n_tokens_checked: int
+    w_pos_norm_before: float | None
+    w_pos_norm_after: float | None
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.pop("model", None)
+        return d
+
+
+def _w_pos_norm(model: HookedTransformer) -> float | None:
+    return float(model.W_pos.norm()) if model.cfg.positional_embedding_type == "standard" else None
+
+
+@torch.no_grad()
+def max_logprob_diff(model_a: HookedTransformer, model_b: HookedTransformer,
+                     tokens: Int[Tensor, "batch pos"], chunk_size: int = 250,
+                     progress: bool = False) -> float:
+    """max |log_softmax(a(tokens)) - log_softmax(b(tokens))| over all rows, positions and tokens."""
+    worst = 0.0
+    for start in tqdm(range(0, tokens.shape[0], chunk_size), disable=not progress, desc="fold check"):
+        rows = tokens[start:start + chunk_size]
+        lp_a = model_a(rows).log_softmax(-1)
+        lp_b = model_b(rows).log_softmax(-1)
+        worst = max(worst, float((lp_a - lp_b).abs().max()))
+    return worst
+
+
+def fold(model: HookedTransformer, batch: Batch | Int[Tensor, "batch pos"], tol: float = 1e-4,
+         chunk_size: int = 250, progress: bool = False) -> FoldResult:
+    """Fold LayerNorm (LN or RMS) and check the folded model against the original on ``batch``.
+
+    Raises ``FoldCheckError`` when the largest log-prob difference exceeds ``tol``. A model with
+    nothing to fold (``normalization_type`` None, or already LNPre/RMSPre) comes back unchanged,
+    with difference 0 and a note. The input model is never modified.
+    """
+    tokens = batch.tokens if isinstance(batch, Batch) else batch
+    tokens = tokens.to(model.cfg.device)
+    norm = model.cfg.normalization_type
+    pos_type = positional_embedding_type(model)
+    w_pos_before = _w_pos_norm(model)
+    if norm not in FOLDABLE:
+        return FoldResult(
+            model=model, normalization_type=norm, folded_normalization_type=norm,
+            positional_embedding_type=pos_type, max_abs_logprob_diff=0.0, tol=tol, passed=True,
+            n_tokens_checked=0, w_pos_norm_before=w_pos_before, w_pos_norm_after=w_pos_before,
+            note=f"normalization_type={norm!r}: nothing to fold, model returned unchanged",
+        )
+    folded = fold_layer_norm(model)
+    diff = max_logprob_diff(model, folded, tokens, chunk_size=chunk_size, progress=progress)
+    w_pos_after = _w_pos_norm(folded)
+    if pos_type == "none" and w_pos_after != 0.0:
+        raise FoldCheckError(f"positional embedding 'none' but folded W_pos has norm {w_pos_after:.3g}")
+    if not diff <= tol:  # also catches NaN
+        raise FoldCheckError(
+            f"LayerNorm folding changed the model: max |delta log-prob| = {diff:.3g} > tol = {tol:.3g} "
+            f"on {tokens.numel()} tokens"
+        )
+    return FoldResult(
+        model=folded, normalization_type=norm, folded_normalization_type=folded.cfg.normalization_type,
+        positional_embedding_type=pos_type, max_abs_logprob_diff=diff, tol=tol, passed=True,
+        n_tokens_checked=tokens.numel(), w_pos_norm_before=w_pos_before, w_pos_norm_after=w_pos_after,
+        note="folded with fold_ln, center_writing_weights (LN only), center_unembed, fold_value_biases",
+    )

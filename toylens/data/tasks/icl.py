@@ -1,0 +1,177 @@
+"""In-context rule following: ``a b c -> c ; d e f -> f ; g h i -> i`` ("pick the k-th of each group").
+
+Each sequence draws one rule ``k`` from ``ks`` and uses it for all its demos and for the query, so
+the rule can only be read off the demos: the setting of task-vector analyses, which patch the
+residual stream at the final ``->`` (``arrow_position``) into zero-shot prompts (``sample_rule``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from toylens.data.base import Batch, Task, TaskConfig, register_task
+from toylens.data.tasks._common import next_token_targets, require, symbol_names
+
+
+@dataclass
+class ICLConfig(TaskConfig):
+    name: str = "icl"
+    n_symbols: int = 26  # token ids 3..n_symbols+2 (0 BOS, 1 "->", 2 ";")
+    group_size: int = 3  # g: distinct symbols per group
+    n_demos: int = 4  # solved groups before the query
+    ks: list[int] = field(default_factory=lambda: [0, 1, 2])  # the rules: answer = group[k]
+
+
+@register_task
+class ICL(Task):
+    """``[BOS, (x_1..x_g, ->, y, ;) * n_demos, x_1..x_g, ->, y_query]`` with ``y = x_{k+1}``.
+
+    The symbols of a group are distinct (so the rule is identifiable from any demo), groups are
+    independent. The last token is the query's answer (teacher forcing). Targets are the next
+    token; ``loss_mask`` is true at every ``->`` (each demo's answer and the query's answer).
+    """
+
+    name = "icl"
+    config_cls = ICLConfig
+    BOS, ARROW, SEMI, FIRST_SYMBOL = 0, 1, 2, 3
+
+    def __init__(self, cfg: ICLConfig):
+        require(cfg.group_size >= 1, "group_size", cfg.group_size, "must be at least 1; raise it")
+        require(
+            cfg.n_symbols >= max(2, cfg.group_size),
+            "n_symbols",
+            cfg.n_symbols,
+            f"must be at least 2 and at least group_size={cfg.group_size} (a group's symbols are distinct)",
+        )
+        require(cfg.n_demos >= 0, "n_demos", cfg.n_demos, "must be at least 0 (0 is zero-shot)")
+        ks = [int(k) for k in cfg.ks]
+        require(len(ks) >= 1, "ks", ks, "must name at least one rule, e.g. [0, 1, 2]")
+        require(
+            all(0 <= k < cfg.group_size for k in ks),
+            "ks",
+            ks,
+            f"must index into a group: each k in [0, group_size={cfg.group_size})",
+        )
+        require(len(set(ks)) == len(ks), "ks", ks, "must not repeat a rule; list each k once")
+        super().__init__(cfg)
+        self.ks = ks
+        self._ks_on: dict[torch.device, Tensor] = {}
+
+    @property
+    def d_vocab(self) -> int:
+        return self.cfg.n_symbols + self.FIRST_SYMBOL
+
+    @property
+    def seq_len(self) -> int:
+        return self.seq_len_for(self.cfg.n_demos)
+
+    @property
+    def token_names(self) -> list[str]:
+        return ["BOS", "->", ";"] + symbol_names(self.cfg.n_symbols)
+
+    # --- positions ----------------------------------------------------------------------------
+    def seq_len_for(self, n_demos: int | None = None) -> int:
+        """Tokens per sequence with ``n_demos`` demos (the config's when None)."""
+        n = self.cfg.n_demos if n_demos is None else n_demos
+        return (n + 1) * (self.cfg.group_size + 3)
+
+    def arrow_position(self, n_demos: int | None = None) -> int:
+        """Index of the final ``->`` (where the query's answer is predicted): ``seq_len - 2``."""
+        return self.seq_len_for(n_demos) - 2
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _ks(self, device: torch.device) -> Tensor:
+        if device not in self._ks_on:
+            self._ks_on[device] = torch.tensor(self.ks, device=device)
+        return self._ks_on[device]
+
+    def _groups(self, batch_size: int, n_demos: int, generator: torch.Generator) -> Tensor:
+        """``[batch, n_demos + 1, g]`` symbol ids, distinct within each group (uniform ordered draws).
+
+        The i-th symbol is the r-th smallest not yet chosen, r uniform in ``[0, n_symbols - i)``: the
+        fixed point of ``v = r + #{chosen <= v}``, reached from ``v = r`` in at most i steps. This
+        is a handful of tiny ops, unlike an argsort over all symbols per group.
+        """
+        shape, dev = (batch_size, n_demos + 1), generator.device
+        chosen = torch.empty((*shape, 0), dtype=torch.long, device=dev)
+        for i in range(self.cfg.group_size):
+            r = torch.randint(0, self.cfg.n_symbols - i, shape, generator=generator, device=dev)
+            v = r
+            for _ in range(i):
+                v = r + (chosen <= v[..., None]).sum(dim=-1)
+            chosen = torch.cat([chosen, v[..., None]], dim=-1)
+        return chosen + self.FIRST_SYMBOL
+
+    def _build(self, groups: Tensor, k: Tensor) -> Batch:
+        """Lay out ``groups`` (``[batch, G, g]``) answered by rule ``k`` (``[batch]``)."""
+        batch, n_groups, g = groups.shape
+        answers = groups.gather(2, k.view(batch, 1, 1).expand(batch, n_groups, 1))
+        arrow = torch.full_like(answers, self.ARROW)
+        semi = torch.full_like(answers, self.SEMI)
+        body = torch.cat([groups, arrow, answers, semi], dim=2).view(batch, -1)[:, :-1]
+        bos = torch.full((batch, 1), self.BOS, dtype=body.dtype, device=body.device)
+        tokens = torch.cat([bos, body], dim=1)
+        return Batch(tokens, next_token_targets(tokens), tokens == self.ARROW)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        ks = self._ks(generator.device)
+        pick = torch.randint(0, len(ks), (batch_size,), generator=generator, device=generator.device)
+        return self._build(self._groups(batch_size, self.cfg.n_demos, generator), ks[pick])
+
+    def sample_rule(
+        self, batch_size: int, generator: torch.Generator, k: int, n_demos: int | None = None
+    ) -> Batch:
+        """A batch that follows rule ``k`` in every row, with ``n_demos`` demos (config's when None).
+
+        ``n_demos=0`` gives zero-shot queries ``[BOS, x_1..x_g, ->, y]``. ``k`` may be any index
+        into a group, also one outside ``ks``.
+        """
+        n = self.cfg.n_demos if n_demos is None else n_demos
+        if not 0 <= k < self.cfg.group_size:
+            raise ValueError(f"k={k} must be in [0, group_size={self.cfg.group_size})")
+        if n < 0:
+            raise ValueError(f"n_demos={n} must be at least 0")
+        rule = torch.full((batch_size,), k, dtype=torch.long, device=generator.device)
+        return self._build(self._groups(batch_size, n, generator), rule)
+
+    # --- analysis helpers ---------------------------------------------------------------------
+    def rule_of(self, batch: Batch) -> Tensor:
+        """The rule ``k`` of each row, read off its first group (``[batch]``)."""
+        g = self.cfg.group_size
+        first, answer = batch.tokens[:, 1 : g + 1], batch.tokens[:, g + 2]
+        return (first == answer[:, None]).int().argmax(dim=1)
+
+    def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """The same symbols answered by a different rule ``k'`` (uniform over ``ks`` minus ``k``).
+
+        Every group, the query included, follows ``k'``: the demos' answer tokens change, and the
+        targets (the next tokens) follow the new rule, so the query's target becomes ``x_{k'+1}``.
+        The clean answer is the clean batch's target at ``arrow_position``. Works for any number
+        of demos; needs a rule in ``ks`` other than the row's own.
+        """
+        g, width = self.cfg.group_size, self.cfg.group_size + 3
+        n_groups, rem = divmod(batch.tokens.shape[1], width)
+        if rem:
+            raise ValueError(f"batch of {batch.tokens.shape[1]} tokens is not an icl layout (width {width})")
+        k = self.rule_of(batch)
+        ks = self._ks(k.device)
+        allowed = ks[None, :] != k[:, None]
+        if not bool(allowed.any(dim=1).all()):
+            raise ValueError(f"task.ks={self.ks} needs a second rule for corrupt(); list at least two ks")
+        keys = torch.rand(allowed.shape, generator=generator, device=generator.device)
+        new_k = ks[keys.masked_fill(~allowed, -1.0).argmax(dim=1)]
+        body = torch.cat([batch.tokens[:, 1:], torch.zeros_like(batch.tokens[:, :1])], dim=1)
+        groups = body.view(len(batch), n_groups, width)[:, :, :g]
+        return self._build(groups, new_k)
+
+    def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Tensor:
+        """Fraction of rows whose query answer (argmax at the final ``->``) is right.
+
+        The demos' answers are in the loss but not in this metric: only the query tests the rule.
+        """
+        pred = logits[:, -2].argmax(-1)
+        return (pred == batch.targets[:, -2]).float().mean()

@@ -1,0 +1,187 @@
+"""Run-directory I/O: atomic writes, checkpoints (safetensors + weights_only state), metrics.
+
+Layout (DESIGN.md, "Run directory"):
+    .hydra/config.yaml  model_config.json  metrics.jsonl
+    ckpt/step_000500.safetensors  ckpt/step_000500.state.pt
+A checkpoint exists once its ``.safetensors`` file exists: the state file is written first, the
+weights last, each through a temporary file and ``os.replace``, so a crash at any moment leaves
+either the previous complete checkpoint or the new complete one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_DIR = "ckpt"
+_STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint that cannot be read; the message says which file and why."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path`` (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, _w)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def weights_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:06d}.safetensors"
+
+
+def state_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:06d}.state.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint (weights present), ascending."""
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in d.iterdir() if (m := _STEP_RE.match(p.name))]
+    return sorted(steps)
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG a run touches, in weights_only-loadable form (tensors, ints, lists)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": _py_state_to_list(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["data"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state_from_list(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None:
+        generator.set_state(state["data"])
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _py_state_to_list(s: tuple) -> list:
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_list(s: list) -> tuple:
+    return (s[0], tuple(s[1]), s[2])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict) -> Path:
+    """Write ``state`` (optimizer, scheduler, step, RNG...) then the weights; returns the weights path."""
+    torch_state = {**state, "step": step}
+    atomic_write(state_path(run_dir, step), lambda tmp: torch.save(torch_state, tmp))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    wpath = weights_path(run_dir, step)
+    atomic_write(wpath, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step), "format": "toylens"}))
+    return wpath
+
+
+def load_weights(run_dir: Path, step: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = weights_path(run_dir, step)
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint; steps available: {list_checkpoints(run_dir)}") from None
+    except Exception as e:  # safetensors raises SafetensorError/OSError on truncated or tampered files
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+            f"it may be truncated or corrupted, use another step"
+        ) from None
+
+
+def load_state(run_dir: Path, step: int) -> dict:
+    path = state_path(run_dir, step)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing state file for step {step}") from None
+    except Exception as e:  # weights_only refuses anything that would unpickle code
+        raise CheckpointError(
+            f"{path}: refused to load ({str(e).splitlines()[0][:200]}); state files must load with "
+            f"weights_only=True (no pickled code)"
+        ) from None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[int]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the steps removed."""
+    steps = list_checkpoints(run_dir)
+    removed = steps[:-keep_last] if keep_last > 0 else []
+    for step in removed:
+        weights_path(run_dir, step).unlink(missing_ok=True)  # weights first: the checkpoint stops existing
+        state_path(run_dir, step).unlink(missing_ok=True)
+    return removed
+
+
+# --- metrics.jsonl ------------------------------------------------------------------------------
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A crash can cut the last line short; anything earlier is corruption worth naming.
+            if i == len(path.read_text().splitlines()):
+                break
+            raise CheckpointError(f"{path}:{i}: not valid JSON") from None
+    return rows
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Keep only rows with step <= last_step (a resumed run re-logs what came after its checkpoint)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,81 @@
+"""``toylens-train``: a thin ``@hydra.main`` around ``train(cfg)``.
+
+Bad configs exit with status 2 and one line on stderr naming the field and the fix; nothing is
+left behind (Hydra creates the run directory before calling us, so we remove it again while it is
+still empty). In a multirun the error is raised instead, so Hydra records that job as failed and
+its siblings still run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from toylens._paths import config_dir
+from toylens.train.config import ConfigError, register_configs
+
+_GROUPS = {"model", "task", "optim", "logger"}  # a group choice makes its whole subtree explicit
+_GLOBAL_GROUPS = {"experiment", "debug"}  # these may set any key
+
+
+def explicit_keys(overrides: list[str]) -> list[str]:
+    """The config keys a list of Hydra overrides sets (used to reconcile ``resume=``)."""
+    keys = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra"):
+            continue
+        keys.append("" if key in _GLOBAL_GROUPS else key)
+    return keys
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    for d in (run_dir, run_dir.parent):
+        try:
+            d.rmdir()  # only succeeds on an empty directory: never deletes anything written
+        except OSError:
+            break
+
+
+def _fail(msg: str, code: int) -> None:
+    print(f"toylens-train: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def _hydra_main(dcfg: DictConfig) -> str | None:
+    from toylens.train.checkpoint import CheckpointError
+    from toylens.train.loop import TrainingDiverged, train
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+        result = train(cfg, run_dir=None if cfg.resume else run_dir,
+                       explicit=explicit_keys(list(hc.overrides.task)))
+    except (ConfigError, CheckpointError, TrainingDiverged) as e:
+        _remove_if_empty(run_dir)
+        if multirun:
+            raise
+        _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+    if cfg.resume:
+        _remove_if_empty(run_dir)
+    ev = f"eval/loss {result.eval_loss:.4g}, eval/accuracy {result.eval_accuracy:.4g}, " if result.eval_loss else ""
+    print(f"toylens: step {result.step}, {ev}run directory:", file=sys.stderr)
+    print(result.run_dir)
+    return str(result.run_dir)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
