@@ -1,16 +1,11 @@
-"""Imports of TransformerLens with its 3.x deprecation warning silenced for toylens only.
+"""The TransformerLens names toylens uses, imported in one place.
 
-TransformerLens 3.9 warns that HookedTransformer will be removed in 4.0; toylens pins <4 on
-purpose, so the warning is noise for our users. We filter it here, scoped to that one message,
-rather than globally: other deprecation warnings still reach the user.
+TransformerLens 3.9 warns on every HookedTransformer construction that it will be removed in 4.0;
+toylens pins <4 on purpose, so ``toylens.train.model.quiet_transformer_lens`` silences that one
+warning around our own constructions only (the user's own calls still warn).
 """
 
-import warnings
-
-warnings.filterwarnings("ignore", message=r".*HookedTransformer is deprecated.*", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in 4\.0.*", category=DeprecationWarning)
-
-from transformer_lens import (  # noqa: E402
+from transformer_lens import (
     ActivationCache,
     FactoredMatrix,
     HookedTransformer,

@@ -7,9 +7,9 @@ Head-type scores (each in [0, 1]: a score sums attention weights, and a row of a
 1; each is a mean over the queries where it is defined, over all rows of the batch):
 
 - ``previous_token``: attention from ``query_pos`` to ``key_pos = query_pos - 1``, queries >= 1.
-- ``current_token``: attention to ``key_pos = query_pos`` (the diagonal), all queries.
-- ``first_token``: attention to ``key_pos = 0`` (BOS when the task has one), queries >= 1 (query 0
-  can only attend to itself, so it would count 1 for every head).
+- ``current_token``: attention to ``key_pos = query_pos`` (the diagonal), queries >= 1.
+- ``first_token``: attention to ``key_pos = 0`` (BOS when the task has one), queries >= 1.
+  (Query 0 can only attend to itself, so it would count 1 for every head in both.)
 - ``duplicate_token``: total attention to earlier key positions (``key_pos < query_pos``) that
   hold the same token id as the query, over queries that have at least one such earlier duplicate.
 - ``induction``: total attention to key positions right after an earlier occurrence of the
@@ -46,7 +46,7 @@ def score_masks(tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
     after_same = (tokens[:, :, None] == prev_tok[:, None, :]) & (k >= 1)
     return {
         "previous_token": (k == q - 1)[None].expand(b, n, n),
-        "current_token": (k == q)[None].expand(b, n, n),
+        "current_token": ((k == q) & (q >= 1))[None].expand(b, n, n),
         "first_token": ((k == 0) & (q >= 1))[None].expand(b, n, n),
         "duplicate_token": same & earlier,
         "induction": after_same & earlier,
@@ -70,7 +70,7 @@ def head_score_sums(pattern: Float[Tensor, "batch head_index query_pos key_pos"]
 
 
 def head_scores(pattern: Float[Tensor, "batch head_index query_pos key_pos"],
-                tokens: Int[Tensor, "batch pos"]) -> dict[str, Float[Tensor, "head_index"]]:
+                tokens: Int[Tensor, "batch pos"]) -> dict[str, Float[Tensor, " head_index"]]:
     """Head-type scores of one layer's patterns (NaN where no query qualifies, e.g. no duplicates)."""
     return {name: s / c if c > 0 else torch.full_like(s, float("nan"))
             for name, (s, c) in head_score_sums(pattern, tokens).items()}

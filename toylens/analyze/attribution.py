@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import einops
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -85,16 +85,17 @@ def dla_per_token(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
     """DLA of ``targets`` at every position of one chunk of rows (see the module docstring)."""
     _check_linear_unembed(model)
     n_layers, has_pos = model.cfg.n_layers, positional_embedding_type(model) == "standard"
-    names = {"hook_embed", "ln_final.hook_scale"} | {f"blocks.{l}.attn.hook_z" for l in range(n_layers)}
+    names = {"hook_embed", "ln_final.hook_scale"} | {f"blocks.{i}.attn.hook_z" for i in range(n_layers)}
     if has_pos:
         names.add("hook_pos_embed")
     if not model.cfg.attn_only:
-        names |= {f"blocks.{l}.hook_mlp_out" for l in range(n_layers)}
+        names |= {f"blocks.{i}.hook_mlp_out" for i in range(n_layers)}
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
 
     W_U, b_U = model.W_U, model.b_U
     if relative_to_mean:
-        W_U, b_U, logits = W_U - W_U.mean(-1, keepdim=True), b_U - b_U.mean(), logits - logits.mean(-1, keepdim=True)
+        W_U, b_U = W_U - W_U.mean(-1, keepdim=True), b_U - b_U.mean()
+        logits = logits - logits.mean(-1, keepdim=True)
     target_logit = logits.gather(-1, targets[..., None])[..., 0]
     direction = einops.rearrange(W_U[:, targets], "d_model batch pos -> batch pos d_model")
     logit_bias = b_U[targets]
@@ -116,16 +117,14 @@ def dla_per_token(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
         parts.append(project(cache["hook_pos_embed"]))
     for layer in range(n_layers):
         z, W_O = cache[f"blocks.{layer}.attn.hook_z"], model.blocks[layer].attn.W_O
-        parts += list(einops.einsum(z, W_O, direction, "batch pos head_index d_head, head_index d_head d_model, "
-                                                       "batch pos d_model -> head_index batch pos"))
+        parts += list(einops.einsum(
+            z, W_O, direction,
+            "batch pos head_index d_head, head_index d_head d_model, batch pos d_model"
+            " -> head_index batch pos"))
         if not model.cfg.attn_only:
             parts.append(project(cache[f"blocks.{layer}.hook_mlp_out"]))
     parts.append(project(model.accumulated_bias(n_layers, include_mlp_biases=False).expand_as(direction)))
     return TokenDLA(torch.stack(parts), component_labels(model), logit_bias, target_logit)
-
-
-def _masked_mean(x: Tensor, mask: Bool[Tensor, "batch pos"]) -> Tensor:
-    return (x * mask).sum(dim=(-2, -1)) / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -138,7 +137,7 @@ class DLAResult(Result):
     """
 
     labels: list[str]
-    mean: Float[Tensor, "component"]
+    mean: Float[Tensor, " component"]
     per_pos: Float[Tensor, "component pos"]
     target_logit_mean: float
     logit_bias_mean: float
@@ -149,8 +148,9 @@ class DLAResult(Result):
     def figures(self) -> dict:
         what = "target logit - mean logit" if self.relative_to_mean else "target logit"
         return {
-            "dla/components": plots.bar(self.mean, labels=self.labels, yaxis=what,
-                                        title=f"Direct logit attribution ({what}), mean over masked positions"),
+            "dla/components": plots.bar(
+                self.mean, labels=self.labels, yaxis=what,
+                title=f"Direct logit attribution ({what}), mean over masked positions"),
             "dla/per_pos": plots.line(self.per_pos, labels=self.labels, xaxis="pos", yaxis=what,
                                       title="Direct logit attribution per position"),
         }
@@ -194,20 +194,22 @@ class LogitLensResult(Result):
     """
 
     labels: list[str]
-    loss: Float[Tensor, "stage"]
-    accuracy: Float[Tensor, "stage"]
+    loss: Float[Tensor, " stage"]
+    accuracy: Float[Tensor, " stage"]
     loss_per_pos: Float[Tensor, "stage pos"]
     model_loss: float
     n_positions: int
 
     def figures(self) -> dict:
         return {
-            "logit_lens/loss": plots.line(self.loss, labels=["loss"], x=None, xaxis="stage", yaxis="loss",
-                                          title="Logit lens: loss per residual stage (" + ", ".join(self.labels) + ")"),
+            "logit_lens/loss": plots.line(
+                self.loss, labels=["loss"], xaxis="stage", yaxis="loss",
+                title="Logit lens: loss per residual stage (" + ", ".join(self.labels) + ")"),
             "logit_lens/accuracy": plots.bar(self.accuracy, labels=self.labels, yaxis="accuracy",
                                              title="Logit lens: accuracy per residual stage"),
-            "logit_lens/loss_per_pos": plots.heatmap(self.loss_per_pos, y_labels=self.labels, diverging=False,
-                                                     xaxis="pos", yaxis="stage", title="Logit lens: loss per position"),
+            "logit_lens/loss_per_pos": plots.heatmap(
+                self.loss_per_pos, y_labels=self.labels, diverging=False, xaxis="pos", yaxis="stage",
+                title="Logit lens: loss per position"),
         }
 
 
@@ -218,8 +220,9 @@ def logit_lens(model: HookedTransformer, batch: Batch, chunk_size: int = 250,
     _check_linear_unembed(model)
     batch = batch.to(model.cfg.device)
     n_layers, n_pos = model.cfg.n_layers, batch.tokens.shape[1]
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    labels = [f"{l}_pre" for l in range(n_layers)] + ["final_post"]
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    labels = [f"{i}_pre" for i in range(n_layers)] + ["final_post"]
     nll = torch.zeros(len(names), n_pos, dtype=torch.float64)
     correct = torch.zeros(len(names), dtype=torch.float64)
     count = torch.zeros(n_pos, dtype=torch.float64)

@@ -89,15 +89,16 @@ class CircuitsResult(Result):
                     figs[f"circuits/ov_logit/{name}"] = plots.heatmap(
                         self.ov_logit[layer, head], x_labels=toks, y_labels=toks, xaxis="logit token",
                         yaxis="source token", title=f"{name} OV circuit W_E W_V W_O W_U")
-                for (l, mlp_layer), m in self.ov_mlp.items():
-                    if l == layer:
+                for (head_layer, mlp_layer), m in self.ov_mlp.items():
+                    if head_layer == layer:
                         figs[f"circuits/ov_mlp/{name}->blocks.{mlp_layer}.mlp"] = plots.heatmap(
                             m[head], y_labels=toks, xaxis="neuron", yaxis="source token",
                             title=f"{name} OV circuit into MLP {mlp_layer}: W_E W_V W_O W_in[{mlp_layer}]")
-        figs["circuits/copying_score"] = plots.bar(self.copying_score.reshape(-1), labels=self.head_labels,
-                                                   title="OV copying score (eigenvalues)")
-        figs["circuits/self_top1_fraction"] = plots.bar(self.self_top1_fraction.reshape(-1), labels=self.head_labels,
-                                                        title="Fraction of tokens whose top OV logit is themselves")
+        figs["circuits/copying_score"] = plots.bar(
+            self.copying_score.reshape(-1), labels=self.head_labels, title="OV copying score (eigenvalues)")
+        figs["circuits/self_top1_fraction"] = plots.bar(
+            self.self_top1_fraction.reshape(-1), labels=self.head_labels,
+            title="Fraction of tokens whose top OV logit is themselves")
         for mode, scores in self.composition.items():
             figs[f"circuits/composition_{mode}"] = plots.heatmap(
                 scores.reshape(n_layers * n_heads, n_layers * n_heads), x_labels=self.head_labels,
@@ -150,7 +151,7 @@ def circuits(model: HookedTransformer, token_names: Sequence[str] | None = None,
     pos_type = positional_embedding_type(model)
     full_ov = full_ov_circuit(model)
     result = CircuitsResult(
-        head_labels=[f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)],
+        head_labels=model.all_head_labels(),
         positional_embedding_type=pos_type,
         copying_score=copying_scores(full_ov).cpu(),
         self_top1_fraction=self_top1_fraction(full_ov, chunk_size).cpu(),

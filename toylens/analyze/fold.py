@@ -10,8 +10,11 @@ the tokens given and raises ``FoldCheckError`` when they differ by more than ``t
 
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -56,8 +59,20 @@ class FoldResult(Result):
         return d
 
 
+@contextlib.contextmanager
+def _preserve_global_rng():
+    """Building a HookedTransformerConfig with a ``seed`` reseeds python, numpy and torch globally
+    (TransformerLens's ``set_seed_everywhere``); an analysis must not move the caller's RNG."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
 def _w_pos_norm(model: HookedTransformer) -> float | None:
-    return float(model.W_pos.norm()) if model.cfg.positional_embedding_type == "standard" else None
+    return float(model.W_pos.detach().norm()) if model.cfg.positional_embedding_type == "standard" else None
 
 
 @torch.no_grad()
@@ -94,7 +109,8 @@ def fold(model: HookedTransformer, batch: Batch | Int[Tensor, "batch pos"], tol:
             n_tokens_checked=0, w_pos_norm_before=w_pos_before, w_pos_norm_after=w_pos_before,
             note=f"normalization_type={norm!r}: nothing to fold, model returned unchanged",
         )
-    folded = fold_layer_norm(model)
+    with _preserve_global_rng():
+        folded = fold_layer_norm(model)
     diff = max_logprob_diff(model, folded, tokens, chunk_size=chunk_size, progress=progress)
     w_pos_after = _w_pos_norm(folded)
     if pos_type == "none" and w_pos_after != 0.0:

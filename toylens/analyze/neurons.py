@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
+from toylens.analyze.result import Result, jsonable
 from toylens.data.base import Batch
 
 GELU_LIKE_THRESHOLD = 1e-2
@@ -51,13 +51,13 @@ class NeuronResult(Result):
 
     def to_dict(self) -> dict:
         # The per-position maps go to figures; report.json keeps the per-neuron summary.
-        return {
+        return jsonable({
             "layers": self.layers, "threshold": self.threshold, "act_fn": self.act_fn,
             "n_rows": self.n_rows, "n_dead": self.n_dead,
-            "dead_neurons": {f"blocks.{l}.mlp": self.dead[i].nonzero().flatten().tolist()
-                             for i, l in enumerate(self.layers)},
-            "frequency_mean": self.frequency.mean(dim=(1, 2)).tolist(),
-        }
+            "dead_neurons": {f"blocks.{layer}.mlp": self.dead[i].nonzero().flatten().tolist()
+                             for i, layer in enumerate(self.layers)},
+            "frequency_mean": self.frequency.mean(dim=(1, 2)),
+        })
 
     def figures(self) -> dict:
         figs = {}
@@ -69,7 +69,7 @@ class NeuronResult(Result):
                 self.mean_activation[i], xaxis="neuron", yaxis="pos",
                 title=f"Layer {layer}: mean MLP activation (hook_post)")
         if self.layers:
-            figs["neurons/dead"] = plots.bar(self.n_dead, labels=[f"layer {l}" for l in self.layers],
+            figs["neurons/dead"] = plots.bar(self.n_dead, labels=[f"layer {layer}" for layer in self.layers],
                                              title="Dead neurons (never active on the batch)",
                                              yaxis="neurons")
         return figs

@@ -13,8 +13,13 @@ import torch
 
 def jsonable(v: Any) -> Any:
     """Tensors and arrays to nested lists, NaN/inf to None, dataclasses to dicts: JSON-safe."""
+    if isinstance(v, Result):
+        return v.to_dict()
     if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        v = v.float().numpy() if v.is_floating_point() else v.numpy()
+    if isinstance(v, complex):
+        return {"real": jsonable(v.real), "imag": jsonable(v.imag)}
     if isinstance(v, np.ndarray):
         return jsonable(v.tolist())
     if isinstance(v, (np.floating, float)):
@@ -37,7 +42,7 @@ class Result:
     """Mixin for analysis results (dataclasses). Override ``figures``; ``to_dict`` is generic."""
 
     def to_dict(self) -> dict:
-        return jsonable(self)
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def figures(self) -> dict:
         """Named plotly figures, e.g. ``{"attention/L0H0": fig}``."""

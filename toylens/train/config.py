@@ -50,7 +50,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    decay_matrices_only: bool = True  # no decay on biases, LayerNorm weights and embeddings' rows? see optim.py
+    decay_matrices_only: bool = True  # decay only >=2-D weights (not biases or LayerNorm gains)
     warmup_steps: int = 100
     schedule: str = "constant"  # constant | cosine | linear (after warmup)
     min_lr_ratio: float = 0.0  # floor of cosine/linear decay, as a fraction of lr

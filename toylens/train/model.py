@@ -62,7 +62,9 @@ def make_model(cfg: HookedTransformerConfig, positional_embedding_type: str = "s
                init_weights: bool = True) -> HookedTransformer:
     """A HookedTransformer from its config; ``positional_embedding_type="none"`` zeroes and freezes W_pos."""
     if not init_weights:
-        cfg = dataclasses.replace(cfg, init_weights=False)
+        # seed=None: HookedTransformerConfig re-seeds every global RNG in __post_init__ when it
+        # has a seed, and loading or folding weights must not reset the caller's random state.
+        cfg = dataclasses.replace(cfg, init_weights=False, seed=None)
     with quiet_transformer_lens():
         model = HookedTransformer(cfg)
     if positional_embedding_type == "none":
@@ -126,6 +128,7 @@ def model_from_config_dict(d: dict, device: str | None = None) -> HookedTransfor
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"model_config.json has fields HookedTransformerConfig does not know: {unknown}")
+    d["seed"] = None  # weights are loaded, not initialised: leave the global RNGs alone
     with quiet_transformer_lens():
         cfg = HookedTransformerConfig(**d)
     return make_model(cfg, extra.get("positional_embedding_type", "standard"), init_weights=False)
@@ -142,7 +145,7 @@ def fold_layer_norm(model: HookedTransformer, center_writing_weights: bool = Tru
     norm = model.cfg.normalization_type
     if norm not in ("LN", "RMS"):
         raise ValueError(f"fold_layer_norm needs an LN or RMS model, this one has normalization_type={norm!r}")
-    folded_cfg = dataclasses.replace(model.cfg, normalization_type=norm + "Pre", init_weights=False)
+    folded_cfg = dataclasses.replace(model.cfg, normalization_type=norm + "Pre", init_weights=False, seed=None)
     folded = make_model(folded_cfg)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with quiet_transformer_lens():

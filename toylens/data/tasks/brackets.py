@@ -20,7 +20,7 @@ class BracketsConfig(TaskConfig):
 def _is_balanced(steps: Tensor) -> Tensor:
     """Rows of +1 ("(") / -1 (")") steps whose prefix sums never go negative and end at zero."""
     depth = steps.cumsum(dim=1)
-    return (depth.min(dim=1).values >= 0) & (depth[:, -1] == 0)
+    return ~(depth < 0).any(dim=1) & (depth[:, -1] == 0)
 
 
 @register_task
@@ -64,8 +64,9 @@ class Brackets(Task):
         that it ends with a down-step, which is then dropped. Cycle lemma: exactly one rotation
         keeps the prefix sums >= 0 until that final step, the one starting right after the first
         minimum of the prefix sums; it gives a uniformly random balanced string. Rotating after a
-        uniformly chosen down-step instead gives a uniform string with equal counts; the few of
-        those that happen to balance are reversed (a reversed balanced string starts with ``)``).
+        uniformly chosen down-step instead gives a uniform string with equal counts; those that
+        happen to balance (1 in m+1) are reversed (a reversed balanced string starts with ``)``),
+        so the unbalanced ones are not quite uniform: reversed balanced strings come twice as often.
         """
         m, dev = self.cfg.length // 2, generator.device
         n1 = 2 * m + 1
@@ -75,7 +76,7 @@ class Brackets(Task):
         first_min = s.cumsum(dim=1).argmin(dim=1)  # argmin returns the first minimum
         random_down = (perm == m).long().argmax(dim=1)  # uniform among the down-steps
         start = (torch.where(balanced, first_min, random_down) + 1) % n1
-        s = s.gather(1, (start[:, None] + torch.arange(n1, device=dev)) % n1)[:, :-1]
+        s = s.gather(1, (start[:, None] + torch.arange(n1 - 1, device=dev)) % n1)  # drops the last
         return torch.where(~balanced[:, None] & _is_balanced(s)[:, None], s.flip(1), s)
 
     def _unequal_counts(self, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -92,7 +93,9 @@ class Brackets(Task):
         balanced = 2 * rank < batch_size
         equal = 8 * rank < 7 * batch_size
         s = torch.where(
-            equal[:, None], self._equal_counts(balanced, generator), self._unequal_counts(batch_size, generator)
+            equal[:, None],
+            self._equal_counts(balanced, generator),
+            self._unequal_counts(batch_size, generator),
         )
         tokens = torch.full((batch_size, self.seq_len), self.EQ, device=dev)
         tokens[:, 0] = self.BOS

@@ -67,9 +67,11 @@ class Induction(Task):
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
         """A fresh random first half (every token differs from the clean one), the same second half.
 
-        The repeat, and so the targets and ``loss_mask``, are unchanged: they are the true next
-        tokens of the corrupted sequence, which induction no longer predicts (the first half that
-        would give them away is gone). Compare with the clean batch's targets for a logit diff.
+        The repeat, ``loss_mask`` and the targets at the masked positions are unchanged: they are
+        the true next tokens of the corrupted sequence, which induction no longer predicts (the
+        first half that would give them away is gone): the token after the same position of the
+        corrupted first half, the induction "answer", differs from the target at every masked
+        position. (Targets inside the first half follow its new tokens; they are masked out.)
         """
         half = self.cfg.half_len
         first = batch.tokens[:, 1 : half + 1]

@@ -43,7 +43,9 @@ class PrevToken(Task):
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         dev = generator.device
-        tokens = torch.randint(1, self.cfg.d_vocab, (batch_size, self.cfg.seq_len), generator=generator, device=dev)
+        tokens = torch.randint(
+            1, self.cfg.d_vocab, (batch_size, self.cfg.seq_len), generator=generator, device=dev
+        )
         tokens[:, 0] = self.BOS
         targets = torch.zeros_like(tokens)
         targets[:, 1:] = tokens[:, :-1]

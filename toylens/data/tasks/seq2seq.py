@@ -84,7 +84,9 @@ class _SeqToSeq(Task):
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         shape = (batch_size, self.cfg.length)
-        x = torch.randint(self.FIRST_SYMBOL, self.d_vocab, shape, generator=generator, device=generator.device)
+        x = torch.randint(
+            self.FIRST_SYMBOL, self.d_vocab, shape, generator=generator, device=generator.device
+        )
         return self._build(x)
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
