@@ -69,7 +69,7 @@ def forward(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
     scale = 1.0 / c.attn_scale
     for blk in model.blocks:
         a = blk.attn
-        h = _norm(x, blk.ln1, c.normalization_type, c.eps)
+        h = _norm(x, getattr(blk, "ln1", None), c.normalization_type, c.eps)
         # One matmul for Q, K and V: [d_model, 3 * n_heads * d_head].
         w_qkv = torch.cat([a.W_Q, a.W_K, a.W_V], 0).permute(1, 0, 2).reshape(c.d_model, 3 * n * dh)
         b_qkv = torch.cat([a.b_Q, a.b_K, a.b_V], 0).reshape(3 * n * dh)
@@ -80,8 +80,8 @@ def forward(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
         x = x + torch.addmm(a.b_O, z, a.W_O.reshape(n * dh, c.d_model)).view(b, p, c.d_model)
         if not c.attn_only:
             m = blk.mlp
-            h = _norm(x, blk.ln2, c.normalization_type, c.eps).reshape(b * p, c.d_model)
+            h = _norm(x, getattr(blk, "ln2", None), c.normalization_type, c.eps).reshape(b * p, c.d_model)
             pre = torch.addmm(m.b_in, h, m.W_in)
             x = x + torch.addmm(m.b_out, _ACTS[c.act_fn](pre), m.W_out).view(b, p, c.d_model)
-    x = _norm(x, model.ln_final, c.normalization_type, c.eps)
+    x = _norm(x, getattr(model, "ln_final", None), c.normalization_type, c.eps)
     return torch.addmm(model.unembed.b_U, x.reshape(b * p, c.d_model), model.unembed.W_U).view(b, p, -1)

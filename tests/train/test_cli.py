@@ -1,0 +1,127 @@
+"""``toylens-train`` as a user runs it: in a subprocess, from a scratch working directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from toylens.train import checkpoint as ck
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.d_model=32", "model.d_head=16", "model.n_heads=2", "model.d_mlp=64", "task.d_vocab=20",
+        "task.seq_len=12", "train.eval_size=64", "train.progress=false", "device=cpu"]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="0", **extra)
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_cli(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "toylens.train.cli", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_smoke_run_prints_its_run_directory(tmp_path):
+    p = run_cli(["experiment=no_pos_prev_token", "debug=fast", *TINY], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    run_dir = Path(p.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "checkpoints" / "no_pos_prev_token"
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "model_config.json").is_file()
+    assert ck.list_checkpoints(run_dir) == [10, 20]
+    assert [r["step"] for r in ck.read_metrics(run_dir)] == [5, 10, 15, 20]
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.n_heads=3", "model.d_model"),
+    ("model.n_ctx=4", "model.n_ctx"),
+    ("optim.lr=0", "optim.lr"),
+    ("model.rotary_dim=8", "model.rotary_dim"),
+])
+def test_invalid_config_exits_2_with_one_line_and_leaves_nothing(tmp_path, override, field):
+    p = run_cli(["experiment=no_pos_prev_token", "debug=fast", *TINY, override], cwd=tmp_path)
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and field in lines[0] and lines[0].startswith("toylens-train: error:"), p.stderr
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*"))
+
+
+def test_typo_fails_at_composition_without_a_run_directory(tmp_path):
+    p = run_cli(["model.d_modle=64"], cwd=tmp_path)
+    assert p.returncode != 0 and "d_modle" in p.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_multirun_gives_one_directory_per_seed(tmp_path):
+    p = run_cli(["-m", "seed=0,1,2", "experiment=no_pos_prev_token", "debug=fast", *TINY], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    sweeps = list((tmp_path / "checkpoints" / "no_pos_prev_token" / "multirun").iterdir())
+    assert len(sweeps) == 1
+    runs = sorted(d for d in sweeps[0].iterdir() if d.is_dir())
+    assert [d.name for d in runs] == ["0", "1", "2"]
+    weights = [ck.load_weights(d, 20)["embed.W_E"] for d in runs]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    args = ["experiment=no_pos_prev_token", *TINY, "train.batch_size=64", "train.steps=400", "train.eval_every=50",
+            "train.checkpoint_every=20", "train.keep_last=100", "train.stop_at_eval_loss=null"]
+    straight = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "toylens.train.cli", *args, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(s >= 100 for s in ck.list_checkpoints(killed)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = ck.list_checkpoints(killed)
+    assert steps and steps[-1] < 400, f"the run was not killed mid-way: {steps}"
+    resumed = run_cli([f"resume={killed}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert Path(resumed.stdout.strip().splitlines()[-1]) == killed
+    a, b = ck.load_weights(tmp_path / "straight", 400), ck.load_weights(killed, 400)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert ck.read_metrics(tmp_path / "straight") == ck.read_metrics(killed)
+
+
+def test_installed_wheel_finds_its_configs_from_any_directory(tmp_path):
+    dist = tmp_path / "dist"
+    b = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-2000:]
+    wheel = next(dist.glob("toylens-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "toylens/configs/train.yaml" in names and "toylens/configs/experiment/no_pos_prev_token.yaml" in names
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = _env(PYTHONPATH=str(site))  # the wheel's toylens shadows the editable checkout
+    p = subprocess.run([sys.executable, "-c", "import toylens, toylens._paths as p; print(toylens.__file__); "
+                        "print(p.config_dir())"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert p.stdout.splitlines()[0].startswith(str(site)) and p.stdout.splitlines()[1].startswith(str(site)), p
+    p = subprocess.run([sys.executable, "-m", "toylens.train.cli", "experiment=no_pos_prev_token", "debug=fast", *TINY],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert ck.list_checkpoints(Path(p.stdout.strip().splitlines()[-1])) == [10, 20]
+
+
+def test_every_module_is_in_a_listed_package():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "toylens").rglob("*.py")}
+    assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
