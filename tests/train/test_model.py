@@ -112,3 +112,13 @@ def test_fast_forward_declines_what_it_does_not_compute():
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=11, n_ctx=8,
                                   act_fn="relu", positional_embedding_type="rotary", rotary_dim=8)
     assert "rotary" in fast_forward.supports(make_model(cfg))
+
+
+def test_fast_forward_under_bf16_autocast_tracks_fp32():
+    model = _none_model()
+    tokens = torch.randint(0, 20, (8, 12))
+    ref = model(tokens).log_softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast_forward.forward(model, tokens)
+    assert out.dtype == torch.bfloat16
+    assert (out.float().log_softmax(-1) - ref).abs().max().item() < 0.1  # bf16 has ~3 significant digits

@@ -3,7 +3,6 @@ CLI calls and what tests call directly."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -60,6 +59,42 @@ def _check_fresh(run_dir: Path) -> None:
                           f"or choose another hydra.run.dir")
 
 
+def pick_forward(model, mode: str):
+    """The fused forward (``fast_forward``) when it computes this model exactly, else the model's own."""
+    why = fast_forward.supports(model)
+    if mode == "on" and why:
+        raise ConfigError(f"train.fast_forward=on but the fused forward does not cover {why}; use auto or off")
+    if mode == "off" or why:
+        return model
+    return lambda tokens: fast_forward.forward(model, tokens)
+
+
+def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator, cfg: TrainConfig):
+    """One optimisation step as a closure returning ``(loss, lr)``; the loss stays on the device
+    (no host sync). The loop and ``benchmarks/train_speed.py`` both time exactly this."""
+    t, o = cfg.train, cfg.optim
+    device = gen.device.type
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fwd = torch.compile(forward) if t.compile else forward
+
+    def step() -> tuple[torch.Tensor, float]:
+        batch = task.sample(t.batch_size, gen)
+        targets = batch.targets.masked_fill(~batch.loss_mask, -100)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            logits = fwd(batch.tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        if o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return loss.detach(), lr
+
+    return step
+
+
 @torch.no_grad()
 def evaluate(forward, task: Task, batch: Batch, chunk_rows: int = 512) -> tuple[float, float]:
     """Masked cross-entropy and the task's accuracy on ``batch``, in fp32, in chunks of rows."""
@@ -95,17 +130,11 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     model = build_model(cfg.model, task.d_vocab, task.seq_len, cfg.seed, device)
     t, o = cfg.train, cfg.optim
     opt, sched = make_optimizer(model, o, t.steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_batch = task.eval_set(t.eval_size, t.eval_seed, device)
 
-    use_fast = t.fast_forward == "on" or (t.fast_forward == "auto" and fast_forward.supports(model) is None)
-    if t.fast_forward == "on" and (why := fast_forward.supports(model)):
-        raise ConfigError(f"train.fast_forward=on but the fused forward does not cover {why}; use auto or off")
-    forward = (lambda tokens: fast_forward.forward(model, tokens)) if use_fast else model
-    train_forward = torch.compile(forward) if t.compile else forward
-    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-                if t.precision == "bf16" else contextlib.nullcontext())
+    forward = pick_forward(model, t.fast_forward)
+    train_step = make_train_step(model, forward, opt, sched, task, gen, cfg)
 
     start, acc = 0, {"loss_sum": 0.0, "count": 0}
     wandb_id = None
@@ -148,19 +177,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
                mininterval=0.5, file=sys.stderr)
     try:
         for step in range(start + 1, t.steps + 1):
-            batch = task.sample(t.batch_size, gen)
-            targets = batch.targets.masked_fill(~batch.loss_mask, -100)
-            with autocast:
-                logits = train_forward(batch.tokens)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            loss.backward()
-            if o.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            loss_sum += loss.detach()
+            loss, lr = train_step()
+            loss_sum += loss
             count += 1
 
             row: dict = {}

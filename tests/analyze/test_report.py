@@ -1,0 +1,301 @@
+"""The report: what it computes (checked against independent computations), what it writes, and
+that writing is atomic. The browser-side checks are in test_report_browser.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from plotly.offline import get_plotlyjs
+
+from toylens.analyze import report_sections
+from toylens.analyze.fold import max_logprob_diff
+from toylens.analyze.report import AnalyzeConfig, build_report, make_report, validate
+from toylens.analyze.report_html import write_report
+from toylens.analyze.run import load_run
+from toylens.train.config import ConfigError
+from toylens.train.model import fold_layer_norm
+
+ROWS, REF_ROWS, SHOWN = 48, 40, 8
+
+
+def _train_tiny(run_dir: Path) -> Path:
+    from toylens.data import TASKS
+    from toylens.train.config import LoopConfig, ModelConfig, OptimConfig, TrainConfig
+    from toylens.train.loop import train
+
+    cfg = TrainConfig(
+        name="tiny", seed=0, device="cpu",
+        model=ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, positional_embedding_type="none"),
+        task=TASKS["prev_token"].config_cls(d_vocab=20, seq_len=12), optim=OptimConfig(lr=3e-3, warmup_steps=5),
+        train=LoopConfig(batch_size=16, steps=20, eval_every=10, eval_size=64, checkpoint_every=10, log_every=5,
+                         keep_last=10, progress=False))
+    return train(cfg, run_dir=run_dir).run_dir
+
+
+def small_config(run_dir: Path, **kw) -> AnalyzeConfig:
+    cfg = AnalyzeConfig(run=str(run_dir), device="cpu", progress=False, max_tokens=SHOWN, chunk_size=20, **kw)
+    cfg.batch.size, cfg.reference.size = ROWS, REF_ROWS
+    cfg.ablation.chunk_rows = 20
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return _train_tiny(tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def written(trained):
+    """The full report of the tiny run, written to <run>/report."""
+    run = load_run(trained)
+    index = make_report(run, small_config(trained))
+    data = json.loads((index.parent / "report.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    return run, index, data, index.read_text()
+
+
+def _nll(logits, batch):
+    return F.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask]).item()
+
+
+def test_report_folder_is_complete_and_offline(written):
+    run, index, data, page = written
+    folder = index.parent
+    assert folder == run.path / "report"
+    assert sorted(p.name for p in folder.iterdir()) == ["ablation.csv", "index.html", "plotly.min.js", "report.json"]
+    assert (folder / "plotly.min.js").read_text() == get_plotlyjs()
+    srcs = re.findall(r"<script[^>]*\bsrc=\"([^\"]*)\"", page)
+    assert srcs == ["plotly.min.js"]
+    assert not re.search(r"(src|href)=\"(https?:)?//", page) and "cdn." not in page
+    # every figure listed in report.json has its div and its data, and nothing else is a figure
+    divs = re.findall(r'<div class="tl-plot" id="([^"]+)"', page)
+    assert divs == [f["id"] for f in data["figures"]]
+    for fig_id in divs:
+        m = re.search(rf'<script type="application/json" id="data-{re.escape(fig_id)}">(.*?)</script>', page)
+        spec = json.loads(m.group(1))
+        assert spec["data"] and "template" not in spec["layout"]
+    names = {f["name"] for f in data["figures"]}
+    for name in ("training/loss", "training/accuracy", "attention/L0H0", "attention/L1H1", "attention/head_scores",
+                 "circuits/qk_token/L1H0", "circuits/ov_logit/L0H1", "circuits/copying_score", "dla/components",
+                 "dla/per_pos", "logit_lens/loss", "neurons/layer0_frequency", "neurons/dead", "ablation/ranked"):
+        assert name in names, name
+    assert [s["id"] for s in data["sections"]] == ["model", "training", "fold", "attention", "circuits", "dla",
+                                                    "logit_lens", "neurons", "ablation"]
+    for s in data["sections"]:
+        assert f'<section id="{s["id"]}">' in page and f'href="#{s["id"]}"' in page  # table of contents
+
+
+def test_model_card_and_training_numbers(written):
+    run, _, data, page = written
+    model = run.model()
+    card = data["model_card"]
+    assert card["w_pos_norm"] == 0.0 and card["positional_embedding_type"] == "none"
+    assert card["n_params"] == sum(p.numel() for p in model.parameters())
+    assert card["n_trainable_params"] == card["n_params"] - model.W_pos.numel()
+    assert data["run"]["step"] == 20 and data["run"]["steps"] == [10, 20]
+    evals = [r for r in run.metrics if "eval/loss" in r]
+    assert data["training"]["eval/loss"] == {"step": [r["step"] for r in evals],
+                                             "value": [r["eval/loss"] for r in evals]}
+    assert data["config"]["model.d_model"] == 32 and data["config"]["task.d_vocab"] == 20
+
+
+def test_fold_number_matches_an_independent_check(written):
+    run, _, data, page = written
+    model = run.model()
+    batch = run.batch(ROWS, AnalyzeConfig().batch.seed)
+    expected = max_logprob_diff(model, fold_layer_norm(model), batch.tokens)
+    assert data["fold"]["max_abs_logprob_diff"] == pytest.approx(expected, abs=1e-6)
+    assert data["fold"]["passed"] is True and data["fold"]["n_tokens_checked"] == batch.tokens.numel()
+    assert f"PASS: max |Δ log-prob| = {expected:.3g}" in page
+
+
+def test_previous_token_scores_match_the_patterns(written):
+    run, _, data, page = written
+    model = run.model()
+    batch = run.batch(ROWS, AnalyzeConfig().batch.seed)
+    _, cache = model.run_with_cache(batch.tokens)
+    best, best_score = None, -1.0
+    for layer in range(2):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch, head, query, key]
+        for head in range(2):
+            q = torch.arange(1, 12)
+            score = pattern[:, head, q, q - 1].mean().item()
+            label = f"L{layer}H{head}"
+            assert data["attention"]["scores_by_head"][label]["previous_token"] == pytest.approx(score, abs=1e-5)
+            if score > best_score:
+                best, best_score = label, score
+    assert data["attention"]["previous_token_head"]["head"] == best
+    assert data["highlights"]["previous_token_head"]["head"] == best
+    assert f"{best} (previous_token score {best_score:.3f})" in page
+
+
+def test_ablation_matches_a_naive_mean_ablation_and_the_csv(written):
+    run, index, data, _ = written
+    model = run.model()
+    seeds = AnalyzeConfig()
+    batch, ref = run.batch(ROWS, seeds.batch.seed), run.batch(REF_ROWS, seeds.reference.seed)
+    abl = data["ablation"]
+    with torch.no_grad():
+        assert abl["clean_loss"] == pytest.approx(_nll(model(batch.tokens), batch), rel=1e-5)
+        _, cache = model.run_with_cache(ref.tokens)
+        mean = cache["hook_embed"].mean(0)
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=[("hook_embed", lambda a, hook: mean.expand_as(a))])
+    row = next(r for r in abl["rows"] if r["hook"] == "hook_embed")
+    assert row["loss"] == pytest.approx(_nll(logits, batch), rel=1e-5)
+    deltas = [r["delta_loss"] for r in abl["rows"]]
+    assert deltas == sorted(deltas, reverse=True) and len(deltas) > 30
+    assert {"L0H0", "L1H1"} <= {r["hook"] for r in abl["rows"]}  # heads ablated one by one (n_heads=2)
+    with open(index.parent / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["hook"], r["mode"], float(r["loss"])) for r in rows] == \
+        [(r["hook"], r["mode"], r["loss"]) for r in abl["rows"]]
+    assert data["logit_lens"]["loss"][-1] == pytest.approx(abl["clean_loss"], rel=1e-4)
+
+
+def test_page_tables_show_the_json_numbers(written):
+    _, _, data, page = written
+    tables = re.findall(r"<table.*?</table>", page, flags=re.S)
+    ablation = next(t for t in tables if "Every ablation" in t)
+    assert 'class="sortable"' in ablation
+    assert ablation.count("<tr>") + ablation.count('<tr class="hl">') == len(data["ablation"]["rows"]) + 1
+    for r in data["ablation"]["rows"][:5]:
+        assert f'data-value="{r["delta_loss"]!r}"' in ablation
+    n_dead = data["neurons"]["n_dead"]
+    neuron_table = next(t for t in tables if "dead neurons" in t)
+    assert f'data-value="{n_dead[0]}"' in neuron_table and f'data-value="{n_dead[1]}"' in neuron_table
+    assert "At a glance" in page and data["highlights"]["w_pos_norm"] == 0.0
+
+
+def test_circuits_show_a_readable_token_subset(written):
+    _, _, data, page = written
+    c = data["circuits"]
+    assert c["shown_token_ids"] == list(range(SHOWN)) and c["d_vocab"] == 20
+    assert c["shown_token_names"][0] == "BOS"
+    assert len(c["qk_token"]) == 2 and len(c["qk_token"][0][0]) == SHOWN and len(c["qk_token"][0][0][0]) == SHOWN
+    assert f"first {SHOWN} of 20 tokens" in page
+    assert set(c["scores_by_head"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
+
+
+def test_only_the_requested_analyses(trained, tmp_path):
+    run = load_run(trained)
+    report = build_report(run, small_config(trained, analyses=["attention"]))
+    index = write_report(report, tmp_path / "report")
+    data = json.loads((index.parent / "report.json").read_text())
+    assert "attention" in data and not {"ablation", "fold", "circuits", "neurons"} & set(data)
+    assert {f["name"].split("/")[0] for f in data["figures"]} == {"training", "attention"}
+    assert not (index.parent / "ablation.csv").exists()
+
+
+def test_failed_write_keeps_the_previous_report(trained, tmp_path, monkeypatch):
+    run = load_run(trained)
+    report = build_report(run, small_config(trained, analyses=["attention", "ablation"]))
+    out = tmp_path / "report"
+    write_report(report, out)
+    (out / "sentinel").write_text("previous report")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(path):
+        Path(path).write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.ablation, "to_csv", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(report, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temp folder left
+    monkeypatch.undo()
+    write_report(report, out)
+    assert not (out / "sentinel").exists() and (out / "ablation.csv").read_text().startswith("hook,mode")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # the old one is gone
+
+
+def test_failed_analysis_writes_nothing(trained, tmp_path, monkeypatch):
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+
+    def boom(ctx):
+        raise RuntimeError("analysis crashed")
+
+    monkeypatch.setattr(report_sections, "neurons", boom)
+    with pytest.raises(RuntimeError, match="analysis crashed"):
+        make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"]))
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_failed_fold_check_is_shown_not_hidden(trained, tmp_path, monkeypatch):
+    import toylens.analyze.fold as fold_module
+
+    monkeypatch.setattr(fold_module, "max_logprob_diff", lambda *a, **k: 0.5)
+    report = build_report(load_run(trained), small_config(trained, analyses=["fold", "circuits"]))
+    assert report.data["fold"]["passed"] is False and report.data["fold"]["max_abs_logprob_diff"] == 0.5
+    page = write_report(report, tmp_path / "report").read_text()
+    assert "FAIL: max |Δ log-prob| = 0.5 (&gt; tolerance 0.001)" in page
+    assert "use the unfolded weights" in page
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(analyses=["attention", "atention"]), "'atention' is not an analysis"),
+    (dict(batch_size=0), "batch.size=0 must be positive"),
+    (dict(reference_size=-5), "reference.size=-5 must be positive"),
+    (dict(modes=["mean", "median"]), "ablation.modes=['mean', 'median']"),
+    (dict(modes=[]), "ablation.modes=[]"),
+    (dict(chunk_size=0), "chunk_size=0"),
+    (dict(fold_tol=0.0), "fold_tol=0.0"),
+    (dict(device="tpu"), "device='tpu'"),
+    (dict(run=""), "run is required"),
+])
+def test_validate_names_the_field(change, needle):
+    cfg = AnalyzeConfig(run="somewhere")
+    for key, value in change.items():
+        if key == "batch_size":
+            cfg.batch.size = value
+        elif key == "reference_size":
+            cfg.reference.size = value
+        elif key == "modes":
+            cfg.ablation.modes = value
+        else:
+            setattr(cfg, key, value)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wandb_run_gets_the_report_offline(trained, tmp_path, monkeypatch):
+    """A run trained with logger=wandb: the report goes to the same wandb run id, offline here."""
+    from toylens.train import checkpoint as ck
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    text = cfg_path.read_text()
+    assert "logger:\n  name: none" in text
+    cfg_path.write_text(text.replace("logger:\n  name: none", "logger:\n  name: wandb"))
+    state = ck.load_state(run_dir, 20)
+    state["wandb_id"] = "tlreport01"
+    torch.save(state, ck.state_path(run_dir, 20))
+    run = load_run(run_dir)
+    assert run.wandb_id() == "tlreport01"
+    make_report(run, small_config(run_dir, analyses=["attention", "ablation"]))
+    runs = list((run_dir / "wandb").glob("offline-run-*-tlreport01"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())
+    files = runs[0] / "files" / "media"
+    html_files = list(files.glob("html/analyze/report_*.html"))
+    tables = list(files.glob("table/analyze/ablation_*.table.json"))
+    assert len(html_files) == 1 and len(tables) == 1
+    page = html_files[0].read_text()
+    assert "toylens report: tiny/run" in page and "plotly.js v" in page  # self-contained copy
+    table = json.loads(tables[0].read_text())
+    data = json.loads((run_dir / "report" / "report.json").read_text())
+    assert table["columns"] == ["rank", "hook", "mode", "loss", "delta_loss", "accuracy"]
+    assert [r[1] for r in table["data"]] == [r["hook"] for r in data["ablation"]["rows"]]
+    record = (runs[0] / "run-tlreport01.wandb").read_bytes()
+    assert b"analyze/attention/previous_token_head/head" in record
+    assert not math.isnan(data["ablation"]["clean_loss"])

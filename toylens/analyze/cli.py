@@ -1,0 +1,74 @@
+"""``toylens-analyze run=<run dir>``: a thin ``@hydra.main`` around ``make_report``.
+
+Writes ``<run>/report/{index.html,report.json,ablation.csv,plotly.min.js}`` and prints the path of
+``index.html``. Bad input (no ``run=``, a path that is not a run, an unknown analysis, a
+non-positive size...) exits with status 2 and one line on stderr naming the field and the fix,
+before anything is written; an unreadable checkpoint exits with status 1. Hydra itself writes
+nothing: ``hydra.run.dir`` is ``.`` and ``hydra.output_subdir`` null (configs/analyze.yaml).
+In a multirun (``-m run=a,b``) errors are raised instead, so Hydra marks that job failed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from toylens._paths import config_dir
+from toylens.analyze.report import register_configs
+from toylens.train.config import ConfigError
+
+
+def _fail(msg: str, code: int) -> None:
+    print(f"toylens-analyze: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="analyze")
+def _hydra_main(dcfg: DictConfig) -> str | None:
+    from toylens.analyze.report import make_report, validate
+    from toylens.analyze.run import RunError, load_run
+    from toylens.train.checkpoint import CheckpointError
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        try:
+            cfg = OmegaConf.to_object(dcfg)
+        except MissingMandatoryValue:
+            raise ConfigError("run is required: toylens-analyze run=<the run directory toylens-train printed>"
+                              ) from None
+        validate(cfg)
+        run = load_run(cfg.run)
+        run.check_step(cfg.step)
+    except (ConfigError, RunError) as e:
+        if multirun:
+            raise
+        _fail(str(e), 2)
+    from toylens.analyze.fold import FoldCheckError  # TransformerLens: seconds, so only past the input checks
+
+    try:
+        index = make_report(run, cfg)
+    except (ConfigError, RunError) as e:  # e.g. device=cuda without CUDA, model_config.json unusable
+        if multirun:
+            raise
+        _fail(str(e), 2)
+    except (CheckpointError, FoldCheckError) as e:  # unreadable or tampered checkpoint files
+        if multirun:
+            raise
+        _fail(str(e), 1)
+    print(f"toylens-analyze: report of {run.name} (step {run.check_step(cfg.step)}):", file=sys.stderr)
+    print(index)
+    return str(index)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

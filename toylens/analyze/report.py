@@ -1,0 +1,243 @@
+"""The analysis report of a run: which analyses, on which batches, assembled into one page.
+
+    from toylens.analyze.report import AnalyzeConfig, make_report
+    run = toylens.load_run(path)
+    make_report(run, AnalyzeConfig(run=str(path), analyses=["attention", "ablation"]))
+    # -> <run>/report/index.html, report.json, ablation.csv, plotly.min.js
+
+``build_report`` computes (``report_sections`` holds one builder per section), ``write_report``
+(``report_html``) renders and writes atomically, ``log_report`` (``report_wandb``) logs to the
+run's own wandb run. ``AnalyzeConfig`` is the schema of ``configs/analyze.yaml``; ``validate``
+checks what types cannot, raising ``ConfigError`` with one line naming the field and the fix.
+Heavy imports (torch, TransformerLens, plotly) happen inside functions, so the CLI rejects bad
+input in about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import MISSING
+
+from toylens.analyze.run import ANALYSIS_SEED, Run
+from toylens.train.config import ConfigError
+
+if TYPE_CHECKING:
+    from toylens.analyze.ablation import AblationResult
+
+# In page order. "circuits" folds the model itself when "fold" is not asked for.
+ANALYSES = ("fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation")
+ABLATION_MODES = ("mean", "zero", "resample")
+
+
+@dataclass
+class BatchConfig:
+    size: int = 2000  # rows of the run's task
+    seed: int = ANALYSIS_SEED
+
+
+@dataclass
+class AblationConfig:
+    modes: list[str] = field(default_factory=lambda: ["mean"])  # any of mean, zero, resample
+    per_head: bool = True  # also ablate each head alone when a layer has several
+    chunk_rows: int = 250  # rows per forward pass (speed and memory only)
+    top_k: int = 30  # bars in the ranked chart (the table always lists every hook)
+
+
+@dataclass
+class AnalyzeConfig:
+    run: str = MISSING  # the run directory toylens-train printed
+    step: int | None = None  # checkpoint step; null: the last
+    analyses: list[str] = field(default_factory=lambda: list(ANALYSES))
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    batch: BatchConfig = field(default_factory=BatchConfig)  # the evaluation batch every analysis uses
+    # Ablation replaces activations by statistics of a separate batch (as seed 004 does).
+    reference: BatchConfig = field(default_factory=lambda: BatchConfig(seed=ANALYSIS_SEED + 1))
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    chunk_size: int = 250  # rows per forward pass in every other analysis
+    fold_tol: float = 1e-3  # max |delta log-prob| allowed between folded and original model
+    max_tokens: int = 50  # QK/OV token heatmaps show the first max_tokens tokens of the vocabulary
+    progress: bool = True  # tqdm bars on stderr
+    wandb: bool = True  # log to the run's wandb run when it was trained with logger=wandb
+
+
+def register_configs() -> None:
+    """Register ``AnalyzeConfig`` with Hydra's ConfigStore as ``analyze_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: AnalyzeConfig) -> None:
+    """Raise ConfigError (one line: field, problem, fix) for any value that cannot work."""
+    _need(isinstance(cfg.run, str) and cfg.run.strip() != "" and cfg.run != MISSING,
+          "run is required: toylens-analyze run=<the run directory toylens-train printed>")
+    bad = [a for a in cfg.analyses if a not in ANALYSES]
+    _need(not bad, f"analyses: {bad[0] if bad else ''!r} is not an analysis; choose from {', '.join(ANALYSES)} "
+                   f"(e.g. analyses=[attention,ablation])")
+    for key in ("batch", "reference"):
+        size = getattr(cfg, key).size
+        _need(size > 0, f"{key}.size={size} must be positive (rows of the task to analyse), e.g. {key}.size=2000")
+    _need(cfg.step is None or cfg.step >= 0, f"step={cfg.step} must be a checkpoint step >= 0, or null for the last")
+    _need(cfg.chunk_size > 0, f"chunk_size={cfg.chunk_size} must be positive, e.g. chunk_size=250")
+    a = cfg.ablation
+    _need(a.chunk_rows > 0, f"ablation.chunk_rows={a.chunk_rows} must be positive, e.g. ablation.chunk_rows=250")
+    _need(a.top_k > 0, f"ablation.top_k={a.top_k} must be positive")
+    bad = [m for m in a.modes if m not in ABLATION_MODES]
+    _need(bool(a.modes) and not bad, f"ablation.modes={list(a.modes)}: choose one or more of "
+                                     f"{', '.join(ABLATION_MODES)}, e.g. ablation.modes=[mean,zero]")
+    _need(cfg.fold_tol > 0, f"fold_tol={cfg.fold_tol} must be positive, e.g. fold_tol=1e-3")
+    _need(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be positive, e.g. max_tokens=50")
+    _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
+          f"device={cfg.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return name
+
+
+# --- what a report is made of ------------------------------------------------------------------
+@dataclass
+class Figure:
+    """A plotly figure placed on the page; ``name`` is the analysis's own key (``attention/L0H0``)."""
+
+    name: str
+    fig: Any  # plotly.graph_objects.Figure
+    wide: bool = False  # spans the whole page width
+    id: str = ""  # set by Report.add_figure
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+    sortable: bool = False
+    highlight: set[int] = field(default_factory=set)  # row indices drawn in bold
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    intro: str  # one or two sentences for students: what the plots mean
+    blocks: list[Any] = field(default_factory=list)  # Figure | Table | Note | str (a paragraph)
+
+
+@dataclass
+class Note:
+    text: str
+    kind: str = "info"  # info | pass | fail | warn
+
+
+@dataclass
+class Report:
+    title: str
+    run_name: str
+    data: dict  # report.json: every number the page shows
+    sections: list[Section] = field(default_factory=list)
+    ablation: AblationResult | None = None
+
+    def figures(self) -> list[Figure]:
+        return [b for s in self.sections for b in s.blocks if isinstance(b, Figure)]
+
+
+# --- building ------------------------------------------------------------------------------------
+def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
+    """Run every analysis in ``cfg.analyses`` on the run's checkpoint and assemble the report.
+
+    ``model``: an already loaded model of ``cfg.step`` (default: ``run.model(cfg.step)``).
+    """
+    from toylens.analyze import report_sections as rs
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    step = run.check_step(cfg.step)
+    if model is None:
+        model = run.model(step, device=device)
+    ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
+    builders = [rs.overview, rs.training] + [getattr(rs, name) for name in ANALYSES if name in cfg.analyses]
+    sections = []
+    t_start = time.perf_counter()
+    for build in builders:
+        t0 = time.perf_counter()
+        if build.__name__ in ANALYSES:
+            _say(cfg, f"{build.__name__} ...")
+        sections.append(build(ctx))
+        ctx.data["timings_s"][build.__name__] = round(time.perf_counter() - t0, 3)
+    ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    ctx.data["highlights"] = rs.highlights(ctx.data)
+    report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
+                    sections=sections, ablation=ctx.ablation)
+    used: set[str] = set()
+    figures = []
+    for section in sections:
+        for block in section.blocks:
+            if isinstance(block, Figure):
+                block.id = _unique_id("fig-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
+                figures.append({"id": block.id, "name": block.name, "section": section.id,
+                                "title": _title(block.fig)})
+    ctx.data["figures"] = figures
+    ctx.data["sections"] = [{"id": s.id, "title": s.title} for s in sections]
+    return report
+
+
+def _unique_id(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}-{i}", i + 1
+    used.add(name)
+    return name
+
+
+def _title(fig) -> str:
+    title = fig.layout.title.text
+    return title or ""
+
+
+def _say(cfg: AnalyzeConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"toylens-analyze: {msg}", file=sys.stderr, flush=True)
+
+
+def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None = None) -> Path:
+    """Build, write ``<run>/report/`` atomically and (when the run used wandb) log it; returns index.html.
+
+    ``wandb_id``: the run's wandb id (default: read from its last state file when it used wandb).
+    """
+    from toylens.analyze.report_html import write_report
+
+    uses_wandb = cfg.wandb and run.config.logger.name == "wandb"
+    if uses_wandb and wandb_id is None:
+        wandb_id = run.wandb_id()  # read before anything is written: a bad state file fails here
+    report = build_report(run, cfg, model=model)
+    index = write_report(report, run.path / "report")
+    if uses_wandb:
+        from toylens.analyze.report_wandb import log_report
+
+        try:
+            log_report(run, report, index.parent, wandb_id)
+        except Exception as e:  # the report is written; wandb trouble must not lose it
+            print(f"toylens-analyze: warning: wandb logging failed ({' '.join(str(e).split())[:200]}); "
+                  f"the report is in {index.parent}", file=sys.stderr)
+    return index
+
+
+def config_dict(cfg: AnalyzeConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,386 @@
+"""One builder per report section. Each runs its analysis, stores every number it shows in
+``ctx.data[<section>]`` (which becomes report.json) and returns a ``Section`` of figures, tables and
+short explanations. Builders are named after the analyses in ``report.ANALYSES``."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+
+from toylens.analyze.report import AnalyzeConfig, Figure, Note, Section, Table, config_dict
+from toylens.analyze.result import jsonable
+from toylens.analyze.run import Run
+from toylens.train.model import positional_embedding_type
+
+TRAIN_CURVES = ("train/loss", "eval/loss", "eval/accuracy")
+
+
+@dataclass
+class Context:
+    run: Run
+    cfg: AnalyzeConfig
+    model: Any  # HookedTransformer, as trained
+    step: int
+    device: str
+    data: dict = field(default_factory=lambda: {"toylens_report": 1, "timings_s": {}})
+    folded: Any = None  # the folded model once the fold check passed
+    ablation: Any = None  # AblationResult, for ablation.csv and wandb
+
+    @functools.cached_property
+    def batch(self):
+        return self.run.batch(self.cfg.batch.size, self.cfg.batch.seed, self.device)
+
+    @functools.cached_property
+    def reference(self):
+        return self.run.batch(self.cfg.reference.size, self.cfg.reference.seed, self.device)
+
+    @property
+    def kw(self) -> dict:
+        return {"chunk_size": self.cfg.chunk_size, "progress": self.cfg.progress}
+
+
+def _style(fig: go.Figure, height: int = 400, bottom: int = 50) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=60, r=20, t=56, b=bottom), title_font_size=14,
+                      title_x=0.02)
+    return fig
+
+
+def _pick(figs: dict, prefix: str, **style) -> list[Figure]:
+    return [Figure(name, _style(fig, **style)) for name, fig in figs.items() if name.startswith(prefix)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --- model card ----------------------------------------------------------------------------------
+def overview(ctx: Context) -> Section:
+    run, model, cfg = ctx.run, ctx.model, ctx.model.cfg
+    params = list(model.parameters())
+    pos = positional_embedding_type(model)
+    w_pos = float(model.W_pos.detach().norm()) if cfg.positional_embedding_type == "standard" else None
+    final = {}
+    for row in run.metrics:
+        final.update({k: v for k, v in row.items() if k != "step"})
+    card = {
+        "n_params": sum(p.numel() for p in params),
+        "n_trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "positional_embedding_type": pos, "w_pos_norm": w_pos,
+        "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
+        "d_mlp": None if cfg.attn_only else cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
+        "act_fn": None if cfg.attn_only else cfg.act_fn, "normalization_type": cfg.normalization_type,
+        "attn_only": cfg.attn_only, "final_metrics": final,
+    }
+    ctx.data["run"] = {"name": run.name, "path": str(run.path), "experiment": run.config.name,
+                       "step": ctx.step, "steps": run.steps, "task": run.task.describe(),
+                       "wandb": run.config.logger.name == "wandb"}
+    ctx.data["settings"] = config_dict(ctx.cfg)
+    ctx.data["model_card"] = jsonable(card)
+    ctx.data["config"] = jsonable(_flatten(run.config.to_dict()))
+    summary = [[k, v] for k, v in ctx.data["model_card"].items() if k != "final_metrics"]
+    summary += [[f"final {k}", v] for k, v in final.items()]
+    return Section("model", "Model card", (
+        "What was trained: the architecture, the task and the full training config. With positional "
+        "embedding 'none' the model gets no position information at all, so W_pos must have norm 0."),
+        [Table(["property", "value"], summary, caption=f"Checkpoint step {ctx.step} of {run.steps}"),
+         Table(["config key", "value"], [[k, v] for k, v in ctx.data["config"].items()],
+               caption="Training config (.hydra/config.yaml)")])
+
+
+def training(ctx: Context) -> Section:
+    series = {}
+    for key in TRAIN_CURVES:
+        pts = [(r["step"], r[key]) for r in ctx.run.metrics if isinstance(r.get(key), (int, float))]
+        if pts:
+            series[key] = {"step": [p[0] for p in pts], "value": [p[1] for p in pts]}
+    ctx.data["training"] = jsonable(series)
+    section = Section("training", "Training curves", (
+        "Loss (log scale) and accuracy against the training step, from metrics.jsonl. train/loss is "
+        "averaged over the steps since the last log line; eval/* are measured on a fixed held-out batch."))
+    losses = [k for k in ("train/loss", "eval/loss") if k in series]
+    if losses:
+        fig = go.Figure([go.Scatter(x=series[k]["step"], y=series[k]["value"], mode="lines", name=k)
+                         for k in losses])
+        positive = all(v > 0 for k in losses for v in series[k]["value"])
+        fig.update_layout(title="Loss", xaxis_title="step", yaxis_title="loss")
+        if positive:
+            fig.update_yaxes(type="log")
+        section.blocks.append(Figure("training/loss", _style(fig)))
+    if "eval/accuracy" in series:
+        s = series["eval/accuracy"]
+        fig = go.Figure(go.Scatter(x=s["step"], y=s["value"], mode="lines+markers", name="eval/accuracy"))
+        fig.update_layout(title="Held-out accuracy", xaxis_title="step", yaxis_title="eval/accuracy")
+        section.blocks.append(Figure("training/accuracy", _style(fig)))
+    if not series:
+        section.blocks.append(Note("metrics.jsonl has no train/loss, eval/loss or eval/accuracy rows.", "warn"))
+    return section
+
+
+# --- fold ----------------------------------------------------------------------------------------
+def _run_fold(ctx: Context) -> dict:
+    from toylens.analyze.fold import FoldCheckError
+    from toylens.analyze.fold import fold as fold_fn
+
+    tol = ctx.cfg.fold_tol
+    try:  # tol=inf: fold always returns its measurement; pass/fail is decided here, against fold_tol
+        res = fold_fn(ctx.model, ctx.batch, tol=math.inf, **ctx.kw)
+    except FoldCheckError as e:  # NaN difference, or W_pos no longer zero after folding
+        ctx.data["fold"] = {"passed": False, "tol": tol, "max_abs_logprob_diff": None, "error": str(e)}
+        return ctx.data["fold"]
+    d = res.to_dict()
+    d.update(tol=tol, passed=res.max_abs_logprob_diff <= tol)
+    ctx.folded = res.model if d["passed"] else None
+    ctx.data["fold"] = jsonable(d)
+    return ctx.data["fold"]
+
+
+def fold(ctx: Context) -> Section:
+    d = _run_fold(ctx)
+    section = Section("fold", "LayerNorm folding check", (
+        "Folding moves each LayerNorm's weights into the matrices that read from it, so circuits such as "
+        "W_E W_Q W_K^T W_E^T are what the model really computes. It should not change the model: the "
+        "number below is the largest difference in log-probability between the folded and original model "
+        "over every token of the evaluation batch."))
+    if d.get("error"):
+        section.blocks.append(Note(f"FAIL: {d['error']}", "fail"))
+        return section
+    diff, ok = d["max_abs_logprob_diff"], d["passed"]
+    section.blocks.append(Note(
+        f"{'PASS' if ok else 'FAIL'}: max |Δ log-prob| = {diff:.3g} "
+        f"({'≤' if ok else '>'} tolerance {d['tol']:.3g}) on {d['n_tokens_checked']} tokens.",
+        "pass" if ok else "fail"))
+    keys = ("max_abs_logprob_diff", "tol", "passed", "n_tokens_checked", "normalization_type",
+            "folded_normalization_type", "positional_embedding_type", "w_pos_norm_before", "w_pos_norm_after",
+            "note")
+    section.blocks.append(Table(["quantity", "value"], [[k, d.get(k)] for k in keys]))
+    return section
+
+
+def _folded_model(ctx: Context) -> tuple[Any, str]:
+    if "fold" not in ctx.data:
+        _run_fold(ctx)
+    if ctx.folded is not None:
+        return ctx.folded, ""
+    return ctx.model, "The fold check failed, so these circuits use the unfolded weights (LayerNorm weights ignored)."
+
+
+# --- attention -----------------------------------------------------------------------------------
+def attention(ctx: Context) -> Section:
+    from toylens.analyze.attention import SCORE_NAMES, attention_patterns
+
+    res = attention_patterns(ctx.model, ctx.batch, **ctx.kw)
+    d = res.to_dict()
+    prev = res.scores["previous_token"].reshape(-1)
+    best = int(torch.nan_to_num(prev, nan=-1.0).argmax())
+    d["previous_token_head"] = {"head": res.head_labels[best], "score": float(prev[best])}
+    ctx.data["attention"] = jsonable(d)
+    rows = [[label] + [d["scores_by_head"][label][n] for n in SCORE_NAMES] for label in res.head_labels]
+    n_heads = ctx.model.cfg.n_heads
+    figs = [f for f in _pick(res.figures(), "attention/", height=460)
+            if "_mean" not in f.name or n_heads > 1]
+    return Section("attention", "Attention patterns and head scores", (
+        "Each heatmap is one head's attention pattern averaged over the evaluation batch: row = the "
+        "query position doing the looking, column = the key position it looks at (each row sums to 1). "
+        "A previous-token head is bright just below the diagonal; its previous_token score (the average "
+        "attention from each position to the one before it) is then close to 1."), [
+        Note(f"Head most like a previous-token head: {d['previous_token_head']['head']} "
+             f"(previous_token score {d['previous_token_head']['score']:.3f}).", "info"),
+        Table(["head", *SCORE_NAMES], rows, caption="Head-type scores (0 to 1; — where undefined)",
+              sortable=True, highlight={best}),
+        *figs])
+
+
+# --- circuits ------------------------------------------------------------------------------------
+def circuits(ctx: Context) -> Section:
+    from toylens.analyze.circuits import circuits as circuits_fn
+
+    model, note = _folded_model(ctx)
+    d_vocab = model.cfg.d_vocab
+    names = list(ctx.run.task.token_names)
+    names += [str(i) for i in range(len(names), d_vocab)]
+    n_tok = min(d_vocab, ctx.cfg.max_tokens)
+    with warnings.catch_warnings():
+        if note:  # the note on the page says the weights are unfolded; no need to warn as well
+            warnings.simplefilter("ignore", UserWarning)
+        res = circuits_fn(model, token_names=names, token_subset=list(range(n_tok)))
+    d = res.to_dict()
+    d.update(shown_token_ids=res.token_ids, shown_token_names=names[:n_tok], d_vocab=d_vocab,
+             qk_token=res.qk_token, ov_logit=res.ov_logit, qk_pos=res.qk_pos,
+             ov_mlp={f"L{h}->blocks.{m}.mlp": t for (h, m), t in res.ov_mlp.items()})
+    ctx.data["circuits"] = jsonable(d)
+    shown = (f"The token heatmaps show the first {n_tok} of {d_vocab} tokens, to stay readable; the scores "
+             f"use the whole vocabulary." if n_tok < d_vocab else f"All {d_vocab} tokens are shown.")
+    heads = [[label, s["copying_score"], s["self_top1_fraction"]] for label, s in d["scores_by_head"].items()]
+    comp = []
+    n_heads = model.cfg.n_heads
+    for i, a in enumerate(res.head_labels):
+        for j, b in enumerate(res.head_labels):
+            if j // n_heads > i // n_heads:
+                comp.append([a, b] + [float(res.composition[m].reshape(len(heads), len(heads))[i, j])
+                                      for m in ("Q", "K", "V")])
+    figs = res.figures()
+    blocks: list = [Note(shown + (" " + note if note else ""), "warn" if note else "info"),
+                    Table(["head", "copying_score", "self_top1_fraction"], heads, sortable=True,
+                          caption="OV copying scores (+1: the head copies the token it attends to)")]
+    if comp:
+        blocks.append(Table(["earlier head", "later head", "Q", "K", "V"], comp, sortable=True,
+                            caption="Composition scores: how much the later head reads what the earlier wrote"))
+    for prefix in ("circuits/qk_token/", "circuits/qk_pos/", "circuits/ov_logit/"):
+        blocks += _pick(figs, prefix, height=480)
+    blocks += [Figure(f.name, f.fig, wide=True) for f in _pick(figs, "circuits/ov_mlp/", height=460)]
+    blocks += _pick(figs, "circuits/copying_score") + _pick(figs, "circuits/self_top1_fraction")
+    blocks += _pick(figs, "circuits/composition_", height=380)
+    return Section("circuits", "QK and OV circuits", (
+        "Read from the folded weights alone. QK: how strongly a query token wants to attend to a key token "
+        "(W_E W_Q W_K^T W_E^T). OV: what attending to a source token does to each output logit "
+        "(W_E W_V W_O W_U) or to each MLP neuron (W_E W_V W_O W_in). A bright diagonal in the OV logit circuit "
+        "means the head copies tokens."), blocks)
+
+
+# --- direct logit attribution, logit lens --------------------------------------------------------
+def dla(ctx: Context) -> Section:
+    from toylens.analyze.attribution import direct_logit_attribution
+
+    res = direct_logit_attribution(ctx.model, ctx.batch, relative_to_mean=True, **ctx.kw)
+    d = res.to_dict()
+    ctx.data["dla"] = jsonable(d)
+    rows = [[label, d["mean"][i]] for i, label in enumerate(res.labels)]
+    return Section("dla", "Direct logit attribution", (
+        "How much each component (embedding, each head, each MLP) writes directly towards the correct "
+        "answer's logit (minus the mean logit), through the final LayerNorm with its scale frozen. Large "
+        "positive bars are the components that push the right answer up; the per-position plot shows where."), [
+        Note(f"Components sum to the target logit: {sum(d['mean']):.4g} + bias {d['logit_bias_mean']:.4g} = "
+             f"{d['target_logit_mean']:.4g}, over {d['n_positions']} positions.", "info"),
+        Table(["component", "mean DLA"], rows, sortable=True),
+        *_pick(res.figures(), "dla/")])
+
+
+def logit_lens(ctx: Context) -> Section:
+    from toylens.analyze.attribution import logit_lens as logit_lens_fn
+
+    res = logit_lens_fn(ctx.model, ctx.batch, **ctx.kw)
+    d = res.to_dict()
+    ctx.data["logit_lens"] = jsonable(d)
+    rows = [[label, d["loss"][i], d["accuracy"][i]] for i, label in enumerate(res.labels)]
+    return Section("logit_lens", "Logit lens", (
+        "Decode the residual stream before each layer (and after the last) with the final LayerNorm and "
+        "the unembedding, as if the model stopped there. The loss falls at the layer where the answer "
+        "first becomes readable."), [
+        Table(["stage", "loss", "accuracy"], rows), *_pick(res.figures(), "logit_lens/")])
+
+
+# --- neurons -------------------------------------------------------------------------------------
+def neurons(ctx: Context) -> Section:
+    from toylens.analyze.neurons import neuron_activity
+
+    res = neuron_activity(ctx.model, ctx.batch, **ctx.kw)
+    d = res.to_dict()
+    d["frequency"] = res.frequency
+    ctx.data["neurons"] = jsonable(d)
+    section = Section("neurons", "MLP neurons", (
+        f"For each MLP neuron and position, the fraction of sequences in which the neuron fires "
+        f"(hook_post > {res.threshold:g}). Dead neurons never fire on the batch; they do nothing and could be "
+        f"removed."))
+    if not res.layers:
+        section.blocks.append(Note("This model has no MLPs (attn_only).", "info"))
+        return section
+    rows = []
+    for i, layer in enumerate(res.layers):
+        ids = d["dead_neurons"][f"blocks.{layer}.mlp"]
+        shown = ", ".join(map(str, ids[:30])) + (f" … ({len(ids) - 30} more)" if len(ids) > 30 else "")
+        rows.append([f"blocks.{layer}.mlp", d["n_dead"][i], d["frequency_mean"][i], shown or "none"])
+    section.blocks.append(Table(["layer", "dead neurons", "mean firing frequency", "dead neuron ids"], rows))
+    figs = res.figures()
+    section.blocks += [Figure(f.name, f.fig, wide=True)
+                       for f in _pick(figs, "neurons/layer", height=420) if f.name.endswith("_frequency")]
+    section.blocks += _pick(figs, "neurons/dead", height=340)
+    return section
+
+
+# --- ablation ------------------------------------------------------------------------------------
+def ablation(ctx: Context) -> Section:
+    from toylens.analyze.ablation import ablate_every_hook
+
+    a = ctx.cfg.ablation
+    res = ablate_every_hook(ctx.model, ctx.batch, reference=ctx.reference, modes=list(a.modes),
+                            per_head=a.per_head, chunk_rows=a.chunk_rows, progress=ctx.cfg.progress,
+                            generator=torch.Generator().manual_seed(ctx.cfg.reference.seed))
+    ctx.ablation = res
+    d = res.to_dict()
+    ctx.data["ablation"] = jsonable(d)
+    rows = d["rows"]
+    several = len(res.modes) > 1
+    top = rows[: a.top_k]
+    labels = [f"{r['hook']} ({r['mode']})" if several else r["hook"] for r in top]
+    bottom = 50 + int(5.2 * max((len(x) for x in labels + res.hooks), default=10))  # rotated hook names
+    fig = go.Figure(go.Bar(x=labels, y=[r["delta_loss"] for r in top],
+                           customdata=[[r["loss"], r["accuracy"]] for r in top],
+                           hovertemplate="%{x}<br>Δ loss %{y:.4g}<br>loss %{customdata[0]:.4g}"
+                                         "<br>accuracy %{customdata[1]:.3f}<extra></extra>"))
+    fig.update_layout(title=f"The {len(top)} most damaging ablations (clean loss {res.clean_loss:.4g})",
+                      xaxis_title="hook", yaxis_title="Δ loss")
+    fig.update_xaxes(type="category", tickangle=-45)
+    table = Table(["rank", "hook", "mode", "loss", "Δ loss", "accuracy"],
+                  [[i + 1, r["hook"], r["mode"], r["loss"], r["delta_loss"], r["accuracy"]]
+                   for i, r in enumerate(rows)], sortable=True,
+                  caption="Every ablation; click a column header to sort")
+    blocks: list = [
+        Note(f"Clean loss {res.clean_loss:.4g}, accuracy {res.clean_accuracy:.4f} on {res.n_rows} rows; "
+             f"replacements from a separate reference batch of {res.n_reference_rows} rows. Most damaging: "
+             + "; ".join(f"{r['hook']} ({r['mode']}) Δ {_num(r['delta_loss'])}" for r in rows[:3]) + ".", "info"),
+        Figure("ablation/ranked", _style(fig, height=500, bottom=bottom), wide=True), table]
+    blocks += [Figure(f.name, f.fig, wide=True)
+               for f in _pick(res.figures(), "ablation/", height=500, bottom=bottom)]
+    if d["skipped"]:
+        blocks.append(Table(["hook", "why not ablated"], [[s["hook"], s["reason"]] for s in d["skipped"]]))
+    for f in blocks:
+        if isinstance(f, Figure):
+            # Fixed bottom margin for the rotated hook names: plotly's automargin can loop here
+            # ("Too many auto-margin redraws") when the page width changes.
+            f.fig.update_xaxes(tickangle=-45, automargin=False)
+    return Section("ablation", "Ablating every hook", (
+        "Each activation in turn is replaced by its average over a separate reference batch (mean "
+        "ablation; zero and resample are other choices) and the loss is measured again. The bigger the rise "
+        "in loss (Δ loss), the more the model needs the information that activation carries."), blocks)
+
+
+def _num(v) -> str:
+    return "NaN" if v is None else f"{v:.4g}"
+
+
+# --- at a glance ---------------------------------------------------------------------------------
+def highlights(data: dict) -> dict:
+    """The headline numbers of the report (also shown in a box at the top of the page)."""
+    h: dict = {}
+    card = data.get("model_card", {})
+    h["positional_embedding_type"] = card.get("positional_embedding_type")
+    h["w_pos_norm"] = card.get("w_pos_norm")
+    final = card.get("final_metrics", {})
+    for k in ("eval/loss", "eval/accuracy"):
+        if k in final:
+            h[f"final {k}"] = final[k]
+    if "fold" in data:
+        h["fold max_abs_logprob_diff"] = data["fold"].get("max_abs_logprob_diff")
+        h["fold passed"] = data["fold"].get("passed")
+    if "attention" in data:
+        p = data["attention"]["previous_token_head"]
+        h["previous-token head"] = f"{p['head']} (score {_num(p['score'])})"
+        h["previous_token_head"] = p
+    if "ablation" in data:
+        rows = data["ablation"]["rows"]
+        h["clean loss"] = data["ablation"]["clean_loss"]
+        h["top ablations"] = [{"hook": r["hook"], "mode": r["mode"], "loss": r["loss"],
+                               "delta_loss": r["delta_loss"]} for r in rows[:5]]
+    return h

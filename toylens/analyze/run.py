@@ -1,0 +1,204 @@
+"""Load a training run directory: its config, task, metrics, checkpoints and models.
+
+    run = toylens.load_run("checkpoints/no_pos_prev_token/2025-01-01_12-00-00")
+    run.config.model.d_model, run.task.token_names, run.metrics[-1], run.steps
+    model = run.model()                # the last checkpoint, as trained
+    model = run.model(folded=True)     # LayerNorm folded, equivalence checked on real tokens
+
+Nothing here writes to the run directory and nothing unpickles code: weights are safetensors,
+state files load with ``weights_only=True``. Every problem with the directory is a ``RunError``
+(a ``CheckpointError``) whose message is one line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toylens.train import checkpoint as ck
+from toylens.train.checkpoint import CheckpointError
+
+if TYPE_CHECKING:  # imported lazily: TransformerLens alone takes seconds to import
+    import torch
+
+    from toylens._compat import HookedTransformer
+    from toylens.data import Batch, Task
+    from toylens.train.config import TrainConfig
+
+# Batches drawn for analysis use their own seeds, far from any training or eval seed.
+ANALYSIS_SEED = 20_240_004
+FOLD_CHECK_ROWS = 256
+_REQUIRED_MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx")
+
+
+class RunError(CheckpointError):
+    """A path that is not a usable run directory; the message is one line naming the file and the fix."""
+
+
+def _one_line(e: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run directory, read (never written). Build it with ``load_run``.
+
+    ``config``: the run's ``TrainConfig`` (from ``.hydra/config.yaml``); ``model_config``: the
+    ``HookedTransformerConfig`` fields from ``model_config.json``; ``steps``: checkpoint steps,
+    ascending; ``metrics``: the rows of ``metrics.jsonl`` (``step``, ``train/loss``, ``eval/loss``...).
+    """
+
+    path: Path
+    config: TrainConfig
+    model_config: dict
+    steps: list[int]
+    metrics: list[dict]
+
+    @property
+    def name(self) -> str:
+        """``<experiment>/<directory name>``, e.g. ``no_pos_prev_token/2025-01-01_12-00-00``."""
+        return f"{self.config.name}/{self.path.name}"
+
+    @property
+    def last_step(self) -> int:
+        return self.steps[-1]
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """"none" for toylens's no-position models, else TransformerLens's own setting."""
+        extra = self.model_config.get("toylens") or {}
+        return extra.get("positional_embedding_type") or self.model_config.get("positional_embedding_type", "standard")
+
+    @functools.cached_property
+    def task(self) -> Task:
+        from toylens.data import make_task
+
+        return make_task(self.config.task)
+
+    def batch(self, size: int, seed: int = ANALYSIS_SEED, device: str | torch.device = "cpu") -> Batch:
+        """``size`` rows of the run's task, the same rows for the same seed on every device
+        (sampled on the CPU, then moved)."""
+        return self.task.eval_set(size, seed, "cpu").to(device)
+
+    def check_step(self, step: int | None) -> int:
+        """``step`` itself when it has a checkpoint, the last step for None; else RunError."""
+        if step is None:
+            return self.last_step
+        if step not in self.steps:
+            raise RunError(f"step={step}: {self.path} has no checkpoint at that step; "
+                           f"choose one of {self.steps} (or step=null for the last)")
+        return step
+
+    def state(self, step: int | None = None) -> dict:
+        """The optimizer/scheduler/RNG state saved with a checkpoint (``weights_only`` load)."""
+        return ck.load_state(self.path, self.check_step(step))
+
+    def wandb_id(self) -> str | None:
+        """The wandb run id the training logged to (None when the run did not use wandb)."""
+        if self.config.logger.name != "wandb":
+            return None
+        return self.state(self.last_step).get("wandb_id")
+
+    def model(self, step: int | None = None, *, folded: bool = False, device: str | torch.device = "cpu",
+              check_batch: Batch | None = None, tol: float = 1e-4) -> HookedTransformer:
+        """The model at ``step`` (default: the last checkpoint), in eval mode.
+
+        ``folded=True`` folds LayerNorm with ``toylens.analyze.fold.fold``, which compares the
+        folded model's log-probs with the original's on ``check_batch`` (default: 256 rows of the
+        task) and raises ``FoldCheckError`` when they differ by more than ``tol``.
+        """
+        step = self.check_step(step)
+        model = self._build(device)
+        weights = ck.load_weights(self.path, step, device)
+        wpath = ck.weights_path(self.path, step)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{wpath}: the weights do not fit model_config.json ({_one_line(e, 200)}); "
+                                  f"the file was changed or belongs to another run") from None
+        for key, value in model.named_parameters():  # buffers (e.g. the attention IGNORE value) may be inf
+            if not bool(value.detach().isfinite().all()):
+                raise CheckpointError(f"{wpath}: {key} holds NaN or inf; the file is corrupted or the run "
+                                      f"diverged, use another step")
+        if self.positional_embedding_type == "none" and bool(model.W_pos.detach().ne(0).any()):
+            raise CheckpointError(f"{wpath}: positional embedding 'none' but W_pos is not zero; the file was "
+                                  f"changed after training, use another step")
+        model.eval()
+        if not folded:
+            return model
+        from toylens.analyze.fold import fold
+
+        batch = check_batch if check_batch is not None else self.batch(FOLD_CHECK_ROWS, device=device)
+        return fold(model, batch, tol=tol).model
+
+    def _build(self, device: str | torch.device) -> HookedTransformer:
+        from toylens.train.model import model_from_config_dict
+
+        try:
+            return model_from_config_dict(self.model_config, device=str(device))
+        except Exception as e:  # unknown fields, wrong types, inconsistent sizes, ...
+            raise RunError(f"{self.path / 'model_config.json'}: cannot build a HookedTransformer from it "
+                           f"({_one_line(e, 200)}); restore the file written by toylens-train") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory written by ``toylens-train`` (raises ``RunError``, one line, on any problem)."""
+    p = Path(path).expanduser().resolve()
+    hint = "pass run=<the directory toylens-train printed>"
+    if not p.exists():
+        raise RunError(f"{p}: no such directory; {hint}")
+    if not p.is_dir():
+        raise RunError(f"{p}: a file, not a run directory; {hint}")
+    cfg_path = p / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise RunError(f"{p}: not a toylens run directory (no .hydra/config.yaml); {hint}")
+    config = _read_train_config(cfg_path)
+    model_config = _read_model_config(p / "model_config.json")
+    steps = ck.list_checkpoints(p)
+    if not steps:
+        raise RunError(f"{p}: no checkpoints in {ck.CKPT_DIR}/ (the run stopped before its first checkpoint at "
+                       f"step {config.train.checkpoint_every}); train it longer or resume it")
+    try:
+        metrics = ck.read_metrics(p)
+    except CheckpointError as e:
+        raise RunError(f"{_one_line(e)}; metrics.jsonl is garbled, restore or delete the bad line") from None
+    return Run(path=p, config=config, model_config=model_config, steps=steps, metrics=metrics)
+
+
+def _read_train_config(path: Path) -> TrainConfig:
+    from omegaconf import OmegaConf
+
+    from toylens.train.config import ConfigError, TrainConfig
+
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # YAML syntax errors, interpolation errors
+        raise RunError(f"{path}: not a readable config ({_one_line(e, 200)}); restore the file toylens-train "
+                       f"wrote") from None
+    if not isinstance(raw, dict):
+        raise RunError(f"{path}: not a config mapping; restore the file toylens-train wrote")
+    try:
+        return TrainConfig.from_dict(raw)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise RunError(f"{path}: {_one_line(e, 200)}; restore the file toylens-train wrote") from None
+
+
+def _read_model_config(path: Path) -> dict[str, Any]:
+    fix = "restore the model_config.json toylens-train wrote at the start of the run"
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({_one_line(e, 120)}); {fix}") from None
+    if not isinstance(d, dict):
+        raise RunError(f"{path}: expected a JSON object of HookedTransformerConfig fields; {fix}")
+    bad = [k for k in _REQUIRED_MODEL_KEYS
+           if not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or d[k] <= 0]
+    if bad:
+        raise RunError(f"{path}: {bad[0]}={d.get(bad[0])!r} is missing or not a positive integer; {fix}")
+    return d
