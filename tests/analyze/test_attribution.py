@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.attribution import direct_logit_attribution, dla_per_token, logit_lens
-from toylens.analyze.fold import fold
+from toylens.analyze.folding import fold
 from toylens.data.base import Batch
 from toylens.train.model import make_model
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from plotly.offline import get_plotlyjs
 
 from toylens.analyze import report_sections
-from toylens.analyze.fold import max_logprob_diff
+from toylens.analyze.folding import max_logprob_diff
 from toylens.analyze.report import AnalyzeConfig, build_report, make_report, validate
 from toylens.analyze.report_html import write_report
 from toylens.analyze.run import load_run
@@ -111,7 +111,7 @@ def test_fold_number_matches_an_independent_check(written):
     run, _, data, page = written
     model = run.model()
     batch = run.batch(ROWS, AnalyzeConfig().batch.seed)
-    expected = max_logprob_diff(model, fold_layer_norm(model), batch.tokens)
+    expected = max_logprob_diff(model, fold_layer_norm(model), batch.tokens, dtype=torch.float64)
     assert data["fold"]["max_abs_logprob_diff"] == pytest.approx(expected, abs=1e-6)
     assert data["fold"]["passed"] is True and data["fold"]["n_tokens_checked"] == batch.tokens.numel()
     assert f"PASS: max |Δ log-prob| = {expected:.3g}" in page
@@ -231,13 +231,13 @@ def test_failed_analysis_writes_nothing(trained, tmp_path, monkeypatch):
 
 
 def test_failed_fold_check_is_shown_not_hidden(trained, tmp_path, monkeypatch):
-    import toylens.analyze.fold as fold_module
+    import toylens.analyze.folding as fold_module
 
     monkeypatch.setattr(fold_module, "max_logprob_diff", lambda *a, **k: 0.5)
     report = build_report(load_run(trained), small_config(trained, analyses=["fold", "circuits"]))
     assert report.data["fold"]["passed"] is False and report.data["fold"]["max_abs_logprob_diff"] == 0.5
     page = write_report(report, tmp_path / "report").read_text()
-    assert "FAIL: max |Δ log-prob| = 0.5 (&gt; tolerance 0.001)" in page
+    assert "FAIL: max |Δ log-prob| = 0.5 (&gt; tolerance 0.0001)" in page
     assert "use the unfolded weights" in page
 
 

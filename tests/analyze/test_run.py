@@ -258,14 +258,11 @@ def test_package_imports_stay_light_and_fold_is_callable(trained):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(Path(toylens.__file__).parents[1])))
     assert p.returncode == 0, p.stderr
-    # fold and circuits are submodules and functions at once
-    import toylens.analyze.fold as fold_module
-    from toylens.analyze.fold import FoldResult
+    from toylens.analyze.folding import FoldResult
 
     run = load_run(trained)
     res = toylens.analyze.fold(run.model(), run.batch(8))
     assert isinstance(res, FoldResult) and res.passed
-    assert toylens.analyze.fold is fold_module and callable(fold_module.fold_layer_norm)
     scores = toylens.analyze.circuits(res.model).copying_score
     assert scores.shape == (2, 2)
     for name in toylens.analyze.__all__:

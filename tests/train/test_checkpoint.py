@@ -99,3 +99,10 @@ def test_metrics_truncate_and_tolerate_a_cut_last_line(tmp_path):
     assert [r["step"] for r in ck.read_metrics(tmp_path)] == [5, 10, 15]
     ck.truncate_metrics(tmp_path, 10)
     assert [r["step"] for r in ck.read_metrics(tmp_path)] == [5, 10]
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    ck.save_checkpoint(tmp_path, 1, _model(), {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (ck.weights_path(tmp_path, 1).stat().st_mode & 0o777) == 0o666 & ~umask

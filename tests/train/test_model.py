@@ -122,3 +122,22 @@ def test_fast_forward_under_bf16_autocast_tracks_fp32():
         out = fast_forward.forward(model, tokens)
     assert out.dtype == torch.bfloat16
     assert (out.float().log_softmax(-1) - ref).abs().max().item() < 0.1  # bf16 has ~3 significant digits
+
+
+def test_transformer_lens_deprecation_warning_is_silenced_inside_toylens_only():
+    import warnings
+
+    from toylens._compat import HookedTransformer
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=16, d_vocab=5, n_ctx=4,
+                                  act_fn="relu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = make_model(cfg)
+        fold_layer_norm(model)
+        model_from_config_dict(model_config_dict(model))
+    assert not [w for w in caught if "deprecated" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # the user's own construction still warns
+        warnings.simplefilter("always")
+        HookedTransformer(cfg)
+    assert any("deprecated" in str(w.message) for w in caught)

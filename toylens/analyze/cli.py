@@ -48,7 +48,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
         if multirun:
             raise
         _fail(str(e), 2)
-    from toylens.analyze.fold import FoldCheckError  # TransformerLens: seconds, so only past the input checks
+    from toylens.analyze.folding import FoldCheckError  # TransformerLens: seconds, so only past the input checks
 
     try:
         index = make_report(run, cfg)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
-from toylens.analyze.run import ANALYSIS_SEED, Run
+from toylens.analyze.run import ANALYSIS_SEED, FOLD_TOL, Run
 from toylens.train.config import ConfigError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class AnalyzeConfig:
     reference: BatchConfig = field(default_factory=lambda: BatchConfig(seed=ANALYSIS_SEED + 1))
     ablation: AblationConfig = field(default_factory=AblationConfig)
     chunk_size: int = 250  # rows per forward pass in every other analysis
-    fold_tol: float = 1e-3  # max |delta log-prob| allowed between folded and original model
+    fold_tol: float = FOLD_TOL  # max |delta log-prob| allowed between folded and original model
     max_tokens: int = 50  # QK/OV token heatmaps show the first max_tokens tokens of the vocabulary
     progress: bool = True  # tqdm bars on stderr
     wandb: bool = True  # log to the run's wandb run when it was trained with logger=wandb
@@ -96,7 +96,7 @@ def validate(cfg: AnalyzeConfig) -> None:
     bad = [m for m in a.modes if m not in ABLATION_MODES]
     _need(bool(a.modes) and not bad, f"ablation.modes={list(a.modes)}: choose one or more of "
                                      f"{', '.join(ABLATION_MODES)}, e.g. ablation.modes=[mean,zero]")
-    _need(cfg.fold_tol > 0, f"fold_tol={cfg.fold_tol} must be positive, e.g. fold_tol=1e-3")
+    _need(cfg.fold_tol > 0, f"fold_tol={cfg.fold_tol} must be positive, e.g. fold_tol=1e-4")
     _need(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be positive, e.g. max_tokens=50")
     _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
           f"device={cfg.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")

@@ -49,8 +49,9 @@ figure.tl-fig.wide { grid-column:1/-1; }
 .note { border-left:4px solid var(--accent); background:#eef3fb; padding:8px 12px; margin:8px 0; border-radius:4px; }
 .note.pass { border-color:#2e8540; background:#e9f5ec; } .note.fail { border-color:#c0392b; background:#fbeceb; }
 .note.warn { border-color:#c98a00; background:#fdf6e3; }
-.tablewrap { max-height:420px; overflow:auto; margin:8px 0 12px; border:1px solid var(--line); border-radius:6px; }
-table { border-collapse:collapse; font-size:13px; width:100%; }
+.tablewrap { display:inline-block; vertical-align:top; max-width:100%; max-height:420px; overflow:auto;
+             margin:8px 12px 12px 0; border:1px solid var(--line); border-radius:6px; }
+table { border-collapse:collapse; font-size:13px; min-width:320px; }
 caption { text-align:left; color:var(--muted); padding:6px 8px; caption-side:top; }
 th, td { padding:4px 10px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
 td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
@@ -133,12 +134,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, numeric_column: bool = True) -> str:
+    cls = ' class="num"' if numeric_column else ""  # right-aligned only in all-number columns
     if _is_number(v):
         raw = "" if isinstance(v, float) and not math.isfinite(v) else repr(v)
-        return f'<td class="num" data-value="{raw}">{html.escape(fmt(v))}</td>'
+        return f'<td{cls} data-value="{raw}">{html.escape(fmt(v))}</td>'
     if v is None:
-        return '<td class="num" data-value="">—</td>'
+        return f'<td{cls} data-value="">—</td>'
     return f"<td>{html.escape(fmt(v))}</td>"
 
 
@@ -149,7 +151,8 @@ def _table(t: Table) -> str:
     head = "".join(('<th class="num">' if numeric[i] else "<th>") + html.escape(c) + "</th>"
                    for i, c in enumerate(t.columns))
     body = "".join(
-        ('<tr class="hl">' if i in t.highlight else "<tr>") + "".join(_cell(v) for v in row) + "</tr>"
+        ('<tr class="hl">' if i in t.highlight else "<tr>") + "".join(_cell(v, numeric[j]) for j, v in enumerate(row))
+        + "</tr>"
         for i, row in enumerate(t.rows))
     caption = f"<caption>{html.escape(t.caption)}</caption>" if t.caption else ""
     return (f'<div class="tablewrap"><table{cls}>{caption}<thead><tr>{head}</tr></thead>'

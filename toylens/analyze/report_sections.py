@@ -130,8 +130,8 @@ def training(ctx: Context) -> Section:
 
 # --- fold ----------------------------------------------------------------------------------------
 def _run_fold(ctx: Context) -> dict:
-    from toylens.analyze.fold import FoldCheckError
-    from toylens.analyze.fold import fold as fold_fn
+    from toylens.analyze.folding import FoldCheckError
+    from toylens.analyze.folding import fold as fold_fn
 
     tol = ctx.cfg.fold_tol
     try:  # tol=inf: fold always returns its measurement; pass/fail is decided here, against fold_tol
@@ -204,7 +204,7 @@ def attention(ctx: Context) -> Section:
 
 # --- circuits ------------------------------------------------------------------------------------
 def circuits(ctx: Context) -> Section:
-    from toylens.analyze.circuits import circuits as circuits_fn
+    from toylens.analyze.qkov import circuits as circuits_fn
 
     model, note = _folded_model(ctx)
     d_vocab = model.cfg.d_vocab

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CKPT_DIR = "ckpt"
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it)
+os.umask(_UMASK)
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
@@ -39,6 +41,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
