@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from toylens._compat import HookedTransformerConfig
-from toylens.analyze.qkov import circuits
 from toylens.analyze.folding import fold
+from toylens.analyze.qkov import circuits
 from toylens.train.model import make_model
 
 

@@ -34,6 +34,7 @@ get the same resumed, chunked loop with the replacement broadcast to full size.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -47,24 +48,24 @@ from toylens.data.base import Batch
 MODES = ("mean", "zero", "resample")
 HEAD_LABEL = re.compile(r"L(?P<layer>\d+)H(?P<head>\d+)")
 
-# Hook points inside a block (suffix after "blocks.{l}.") whose replacement makes upstream
-# computation of the same block dead: replacing the key discards everything those hook points feed.
+# How a job on a hook point of a block (the suffix after "blocks.{l}.") is run, on the fast path.
+# Replacing a residual-stream hook severs the run from everything before it: start from one row.
+_SEVERING = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+# After the attention half only hook_resid_mid flows on: start from one row and put the clean
+# hook_resid_mid of the chunk back, so ln1 and the attention run on one row.
+_AFTER_ATTENTION = ("ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out")
+# Upstream hook points (same block) that only feed the replaced one: cut to one row.
 _DEAD_UPSTREAM: dict[str, tuple[str, ...]] = {
-    "attn.hook_z": ("ln1.hook_normalized",),  # q, k, v, pattern only feed z
+    "attn.hook_z": ("ln1.hook_normalized",),  # q, k, v and the pattern only feed z
     "attn.hook_result": ("ln1.hook_normalized",),
     "hook_attn_out": ("ln1.hook_normalized",),
-    "hook_resid_mid": ("ln1.hook_normalized",),
-    "ln2.hook_scale": ("ln1.hook_normalized",),  # attention half replaced by its clean result
-    "ln2.hook_normalized": ("ln1.hook_normalized",),
-    "mlp.hook_pre": ("ln1.hook_normalized", "ln2.hook_normalized"),
-    "mlp.hook_post": ("ln1.hook_normalized", "ln2.hook_normalized"),
-    "hook_mlp_out": ("ln1.hook_normalized", "ln2.hook_normalized"),
-    "hook_resid_post": ("ln1.hook_normalized", "ln2.hook_normalized"),
+    "mlp.hook_pre": ("ln2.hook_normalized",),
+    "mlp.hook_post": ("ln2.hook_normalized",),
+    "hook_mlp_out": ("ln2.hook_normalized",),
 }
-# Replacements after the attention half that still need its (clean) output: hook_resid_mid is
-# put back from the chunk's clean pass, so the attention itself can be dead.
-_NEEDS_CLEAN_RESID_MID = ("ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post",
-                          "hook_mlp_out")
+# Outside the blocks: replacing these severs the run from its input as well (the positional
+# embedding, the other input of the first residual, is the same in every row).
+_SEVERING_OUTSIDE = ("hook_embed", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,8 @@ class Job:
     hook: str  # the hook point whose activation is replaced
     head: int | None  # replace only ``hook_z[:, :, head]``
     start: int | None  # None: from the tokens; l: from block l's clean resid_pre (n_layers: the end)
-    one_row: tuple[str, ...] = ()  # hook points cut to one row (dead, or the same in every row)
+    one_row_input: bool = False  # the run's input is dead: start from its first row only
+    one_row: tuple[str, ...] = ()  # dead hook points cut to one row
     clean: tuple[str, ...] = ()  # hook points whose clean chunk value is put back
 
 
@@ -137,32 +139,30 @@ def plan_jobs(model: HookedTransformer, labels: Sequence[str], order: Sequence[s
             hook = label
         one_row: list[str] = []
         clean: list[str] = []
+        one_row_input = False
         if hook.startswith("blocks."):
             start: int | None = int(hook.split(".")[1])
             suffix = hook.split(".", 2)[2]
             if fast and head is None:
                 one_row += [f"blocks.{start}.{s}" for s in _DEAD_UPSTREAM.get(suffix, ())]
-                if suffix in _NEEDS_CLEAN_RESID_MID:
-                    clean.append(f"blocks.{start}.hook_resid_mid")
-        elif order.index(hook) < first_block:
-            start = None
+                resid_mid = f"blocks.{start}.hook_resid_mid"
+                if suffix in _SEVERING:
+                    one_row_input = True
+                elif suffix in _AFTER_ATTENTION and resid_mid in fired:
+                    one_row_input, clean = True, [resid_mid]
         else:
-            start = n_layers
-        if start is None and fast and hook != "hook_pos_embed" and model.cfg.positional_embedding_type == "standard":
-            one_row.append("hook_pos_embed")
+            start = None if order.index(hook) < first_block else n_layers
+            one_row_input = fast and hook in _SEVERING_OUTSIDE
         if starts_from_tokens:
-            start = None
+            start, one_row_input = None, False
         one_row = [n for n in one_row if n in fired]
-        if any(n not in fired for n in clean):
-            # no clean value to put back (e.g. attn-only): the attention half must run
-            clean, one_row = [], [n for n in one_row if not n.endswith("ln1.hook_normalized")]
-        jobs.append(Job(label, hook, head, start, tuple(one_row), tuple(clean)))
+        jobs.append(Job(label, hook, head, start, one_row_input, tuple(one_row), tuple(clean)))
     return jobs
 
 
 # --- replacement values (the modes) --------------------------------------------------------------
 class MeanAccumulator:
-    """Per-position batch means of hook activations over a reference batch, summed in float64.
+    """Per-position batch means of hook activations over a reference batch (chunk sums added in float64).
 
     When a hook point fires several times in one pass (``ln1`` fires for q, k and v) the last
     value counts, as in ``run_with_cache``.
@@ -177,11 +177,12 @@ class MeanAccumulator:
         pending: dict[str, Tensor] = {}
 
         def grab(act: Tensor, hook) -> None:
-            pending[hook.name] = act.sum(0, dtype=torch.float64)
+            pending[hook.name] = act.sum(0)
 
         with model.hooks(fwd_hooks=[(n, grab) for n in self.names]):
             model(tokens, return_type=None if not any(n.startswith("unembed.") for n in self.names) else "logits")
         for name, s in pending.items():
+            s = s.double()
             self.sums[name] = self.sums[name] + s if name in self.sums else s
         self.rows += tokens.shape[0]
 
@@ -264,15 +265,30 @@ def nll_and_correct(logits: Float[Tensor, "b pos d_vocab"], batch: Batch,
     ``logits`` cover ``positions`` only, and may have a batch dimension of 1 (batch-constant).
     """
     targets, mask = batch.targets[:, positions], batch.loss_mask[:, positions]
-    top, argmax = logits.max(-1)
-    lse = (logits - top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top)
     if logits.shape[0] == 1 and targets.shape[0] != 1:
-        target_logit = logits[0].gather(-1, targets.T).T
+        # batch-constant logits: one row of log-probs and argmaxes serves every row
+        nll = -logits[0].log_softmax(-1).gather(-1, targets.T).T
+        correct = logits[0].argmax(-1) == targets
     else:
-        target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(mask, lse - target_logit, 0.0).sum(dtype=torch.float64)
-    correct = ((argmax == targets) & mask).sum()
-    return nll, correct
+        idx = targets.unsqueeze(-1)
+        nll = -logits.log_softmax(-1).gather(-1, idx).squeeze(-1)
+        correct = argmax_is(logits, idx)
+    return torch.where(mask, nll, 0.0).sum(dtype=torch.float64), (correct & mask).sum()
+
+
+def argmax_is(logits: Tensor, idx: Tensor) -> Tensor:
+    """``logits.argmax(-1) == idx[..., 0]``, without argmax (ten times slower than amax on CPU).
+
+    The target is the argmax when its logit beats every other one; exact ties and NaNs, where
+    argmax's first-index rule decides, take the slow path.
+    """
+    target = logits.gather(-1, idx)
+    logits.scatter_(-1, idx, -math.inf)
+    best_other = logits.amax(-1, keepdim=True)
+    logits.scatter_(-1, idx, target)  # restore
+    if bool((~(target > best_other) & ~(target < best_other)).any()):
+        return logits.argmax(-1) == idx.squeeze(-1)
+    return (target > best_other).squeeze(-1)
 
 
 def _grab_into(store: dict[str, Tensor]):
@@ -327,11 +343,11 @@ def run_patched(model: HookedTransformer, chunk: Chunk, job: Job,
     hooks += [(n, _put_back(chunk.clean[n])) for n in job.clean]
     if not job.hook.startswith("unembed."):
         hooks.append(("unembed.hook_in", _select_positions(chunk.positions)))
+    x = chunk.batch.tokens if job.start is None else chunk.resid_pre[job.start]
+    if job.one_row_input:
+        x = x[:1]
     with model.hooks(fwd_hooks=hooks):
-        if job.start is None:
-            logits = model(chunk.batch.tokens)
-        else:
-            logits = model(chunk.resid_pre[job.start], start_at_layer=job.start)
+        logits = model(x) if job.start is None else model(x, start_at_layer=job.start)
     if job.hook.startswith("unembed."):
         logits = logits[:, chunk.positions]
     return nll_and_correct(logits, chunk.batch, chunk.positions)
