@@ -23,7 +23,8 @@ def tiny_model(norm="LN", pos="standard", n_heads=2, attn_only=False, seed=0, **
         kwargs.update(d_mlp=32, act_fn="relu")
     if pos == "rotary":
         kwargs.update(positional_embedding_type="rotary", rotary_dim=8)
-    model = make_model(HookedTransformerConfig(**kwargs), positional_embedding_type="none" if pos == "none" else "standard")
+    pos_type = "none" if pos == "none" else "standard"
+    model = make_model(HookedTransformerConfig(**kwargs), positional_embedding_type=pos_type)
     # Larger-than-init weights and non-trivial LN parameters so that every ablation moves the loss.
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -37,6 +37,8 @@ def test_smoke_run_prints_its_run_directory(tmp_path):
     run_dir = Path(p.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path / "checkpoints" / "no_pos_prev_token"
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "model_config.json").is_file()
+    saved = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "experiment=no_pos_prev_token" in saved and "model.d_model=32" in saved
     assert ck.list_checkpoints(run_dir) == [10, 20]
     assert [r["step"] for r in ck.read_metrics(run_dir)] == [5, 10, 15, 20]
     assert "Traceback" not in p.stderr

@@ -57,8 +57,9 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         cfg = OmegaConf.to_object(dcfg)
-        result = train(cfg, run_dir=None if cfg.resume else run_dir,
-                       explicit=explicit_keys(list(hc.overrides.task)))
+        overrides = list(hc.overrides.task)
+        result = train(cfg, run_dir=None if cfg.resume else run_dir, explicit=explicit_keys(overrides),
+                       overrides=overrides)
     except (ConfigError, CheckpointError, TrainingDiverged) as e:
         _remove_if_empty(run_dir)
         if multirun:

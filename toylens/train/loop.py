@@ -110,10 +110,12 @@ def evaluate(forward, task: Task, batch: Batch, chunk_rows: int = 512) -> tuple[
     return (loss_sum / n_tok).item(), (acc_sum / len(batch)).item()
 
 
-def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | None = None,
+          overrides: list[str] | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (or continue ``cfg.resume``); returns where and how it ended.
 
-    Everything that can be checked is checked before the first byte is written.
+    Everything that can be checked is checked before the first byte is written. ``overrides`` (the
+    CLI's Hydra overrides) are saved to ``.hydra/overrides.yaml`` as Hydra itself would.
     """
     if cfg.resume:
         from toylens.train.resume import reconcile
@@ -154,6 +156,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     else:
         resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         ck.write_text(run_dir / ".hydra" / "config.yaml", resolved)
+        if overrides is not None:
+            ck.write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
         ck.write_json(run_dir / "model_config.json", model_config_dict(model))
 
     sinks: list = [JsonlLogger(run_dir)]
