@@ -48,3 +48,16 @@ def tiny_config(tmp_path: Path, **overrides):
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **kw: tiny_config(tmp_path, **kw)
+
+
+def train_tiny(run_dir: Path, **overrides) -> Path:
+    """Train ``tiny_config`` (20 steps, checkpoints at 10 and 20) into ``run_dir``; returns it."""
+    from toylens.train.loop import train
+
+    return train(tiny_config(Path(run_dir).parent, **overrides), run_dir=run_dir).run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """``train_tiny`` for fixtures of any scope: ``tiny_run(dir, **{"model.n_heads": 1})``."""
+    return train_tiny

@@ -31,23 +31,9 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is no
                                 "(apt-get install -y chromium); the Makefile/CI installs it")
 
 
-def _train_tiny(run_dir: Path) -> Path:
-    from toylens.data import TASKS
-    from toylens.train.config import LoopConfig, ModelConfig, OptimConfig, TrainConfig
-    from toylens.train.loop import train
-
-    cfg = TrainConfig(
-        name="tiny", seed=0, device="cpu",
-        model=ModelConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, positional_embedding_type="none"),
-        task=TASKS["prev_token"].config_cls(d_vocab=20, seq_len=12), optim=OptimConfig(lr=3e-3, warmup_steps=5),
-        train=LoopConfig(batch_size=16, steps=20, eval_every=10, eval_size=64, checkpoint_every=10, log_every=5,
-                         keep_last=10, progress=False))
-    return train(cfg, run_dir=run_dir).run_dir
-
-
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory) -> Path:
-    run_dir = _train_tiny(tmp_path_factory.mktemp("runs") / "tiny")
+def report_dir(tmp_path_factory, tiny_run) -> Path:
+    run_dir = tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
     cfg = AnalyzeConfig(run=str(run_dir), device="cpu", progress=False, max_tokens=8, chunk_size=20)
     cfg.batch.size, cfg.reference.size = 40, 32
     return make_report(load_run(run_dir), cfg).parent

@@ -22,24 +22,9 @@ from toylens.train.checkpoint import CheckpointError
 from toylens.train.model import positional_embedding_type
 
 
-def _train_tiny(run_dir: Path, **model_overrides) -> Path:
-    from toylens.data import TASKS
-    from toylens.train.config import LoopConfig, ModelConfig, OptimConfig, TrainConfig
-    from toylens.train.loop import train
-
-    model = dict(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, positional_embedding_type="none")
-    model.update(model_overrides)
-    cfg = TrainConfig(
-        name="tiny", seed=0, device="cpu", model=ModelConfig(**model),
-        task=TASKS["prev_token"].config_cls(d_vocab=20, seq_len=12), optim=OptimConfig(lr=3e-3, warmup_steps=5),
-        train=LoopConfig(batch_size=16, steps=20, eval_every=10, eval_size=64, checkpoint_every=10, log_every=5,
-                         keep_last=10, progress=False))
-    return train(cfg, run_dir=run_dir).run_dir
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    return _train_tiny(tmp_path_factory.mktemp("runs") / "tiny")
+def trained(tmp_path_factory, tiny_run) -> Path:
+    return tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 @pytest.fixture

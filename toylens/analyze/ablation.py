@@ -198,7 +198,7 @@ def ablate_every_hook(
     batch = batch.to(device)
     ref = batch if same_batch else reference.to(device)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), engine.keep_freed_memory():
         order = engine.firing_order(model, batch.tokens)
         labels, skipped = _choose(model, order, hooks, per_head)
         fast = engine.fast_path_ok(model)

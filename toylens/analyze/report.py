@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import MISSING
 
 from toylens.analyze.run import ANALYSIS_SEED, FOLD_TOL, Run
-from toylens.train.config import ConfigError
+from toylens.train.config import ConfigError, resolve_device
 
 if TYPE_CHECKING:
     from toylens.analyze.ablation import AblationResult
@@ -100,16 +100,6 @@ def validate(cfg: AnalyzeConfig) -> None:
     _need(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be positive, e.g. max_tokens=50")
     _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
           f"device={cfg.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return name
 
 
 # --- what a report is made of ------------------------------------------------------------------

@@ -118,6 +118,17 @@ class TrainConfig:
         return OmegaConf.to_object(merged)
 
 
+def resolve_device(name: str) -> str:
+    """``device=auto`` means CUDA when present, else CPU; asking for CUDA without it is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    return name
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called by the CLI before composition)."""
     from hydra.core.config_store import ConfigStore

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from toylens.data import Batch, Task, make_task
 from toylens.train import checkpoint as ck
 from toylens.train import fast_forward
-from toylens.train.config import ConfigError, TrainConfig, validate
+from toylens.train.config import ConfigError, TrainConfig, resolve_device, validate
 from toylens.train.loggers import JsonlLogger, Loggers, WandbLogger
 from toylens.train.model import build_model, model_config_dict
 from toylens.train.optim import make_optimizer
@@ -34,14 +34,6 @@ class TrainResult:
     eval_loss: float | None
     eval_accuracy: float | None
     stopped_early: bool
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return name
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
