@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-import toylens.analyze.ablation_engine as engine
+import toylens.analyze.ablation_fused as fused
+import toylens.analyze.ablation_plan as plan
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.ablation import AblationResult, ablate_every_hook
-from toylens.analyze.ablation_engine import HEAD_LABEL
+from toylens.analyze.ablation_plan import HEAD_LABEL
 from toylens.data import TASKS, make_task
 from toylens.data.base import Batch
 from toylens.train.model import make_model
@@ -109,7 +110,11 @@ VARIANTS = {
     "attn_only_2heads_none": dict(norm="LN", pos="none", n_heads=2, attn_only=True),
     "rms_attn_result": dict(norm="RMS", pos="standard", n_heads=2, use_attn_result=True),
     "no_norm_rotary": dict(norm=None, pos="rotary", n_heads=2),
+    "lnpre_standard": dict(norm="LNPre", pos="standard", n_heads=2),
+    "no_norm_none": dict(norm=None, pos="none", n_heads=3),
 }
+# Variants the fused forward (ablation_fused) covers; the others run through the model's hooks.
+FUSED = {"seed_like", "ln_2heads_standard", "attn_only_2heads_none", "lnpre_standard", "no_norm_none"}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -119,8 +124,9 @@ def test_matches_naive_loop_every_mode_hook_and_head(variant):
     gen_seed = 5
     res = ablate_every_hook(model, batch, reference=reference, modes=("mean", "zero", "resample"),
                             chunk_rows=7, generator=torch.Generator().manual_seed(gen_seed), progress=False)
-    index = engine.resample_rows(len(batch), len(reference), False, torch.Generator().manual_seed(gen_seed))
+    index = plan.resample_rows(len(batch), len(reference), False, torch.Generator().manual_seed(gen_seed))
     assert_matches_naive(res, model, batch, reference, index)
+    assert (res.engine == "fused") == (variant in FUSED), res.engine
     if model.cfg.n_heads > 1:
         assert {"L0H0", "L0H1", "L1H0", "L1H1"} <= set(res.hooks)
 
@@ -130,19 +136,21 @@ def test_matches_naive_on_the_batch_itself_with_a_sparse_loss_mask():
     batch = sparse_mask_batch(19, seed=3)
     res = ablate_every_hook(model, batch, modes=("mean", "resample"), chunk_rows=6,
                             generator=torch.Generator().manual_seed(0), progress=False)
-    index = engine.resample_rows(len(batch), len(batch), True, torch.Generator().manual_seed(0))
+    index = plan.resample_rows(len(batch), len(batch), True, torch.Generator().manual_seed(0))
     assert not (index == torch.arange(len(batch))).any()  # resample: always another row
     assert_matches_naive(res, model, batch, batch, index)
 
 
 def test_generic_path_matches_naive_too(monkeypatch):
     # Architectures outside the fast path get the plain resumed loop; it must be exact as well.
-    monkeypatch.setattr(engine, "fast_path_ok", lambda model: False)
+    monkeypatch.setattr(plan, "fast_path_ok", lambda model: False)
+    monkeypatch.setattr(fused, "unsupported", lambda model, fired: "forced by the test")
     model = tiny_model(norm="LN", pos="none", n_heads=2)
     batch, reference = prev_token_batch(17, seed=4), prev_token_batch(20, seed=5)
     res = ablate_every_hook(model, batch, reference=reference, modes=("mean", "zero"), chunk_rows=5,
                             progress=False)
     assert_matches_naive(res, model, batch, reference)
+    assert res.engine == "hooked (forced by the test)"
 
 
 def test_seed_hook_list_and_nothing_skipped_silently():
@@ -226,3 +234,33 @@ def test_result_ranking_dict_csv_and_figures(tmp_path):
     fig = res.figures()["ablation/delta_loss"]
     assert [t.name for t in fig.data] == ["mean", "zero"]
     assert list(fig.data[0].x) == res.hooks
+
+
+def test_worker_threads_do_not_change_results():
+    model = tiny_model(norm="LN", pos="none", n_heads=2)
+    batch, reference = prev_token_batch(30, seed=11), prev_token_batch(25, seed=12)
+    kw = dict(reference=reference, modes=("mean", "resample"), chunk_rows=8, progress=False,
+              generator=torch.Generator().manual_seed(3))
+    one = ablate_every_hook(model, batch, workers=1, **kw)
+    kw["generator"] = torch.Generator().manual_seed(3)
+    three = ablate_every_hook(model, batch, workers=3, **kw)
+    assert three.clean_loss == pytest.approx(one.clean_loss, abs=1e-6)
+    for r in one.rows:
+        assert three.row(r.hook, r.mode).loss == pytest.approx(r.loss, abs=1e-6)
+    assert torch.get_num_threads() >= 1 and not model.hook_dict["hook_embed"].fwd_hooks  # all restored
+
+
+def test_argmax_is_matches_argmax_with_ties_and_nans():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, 7, generator=gen)
+    logits[0, 0] = 1.0  # all tied: argmax picks index 0
+    logits[1, 1, 2] = logits[1, 1, 5] = 9.0  # two tied maxima
+    logits[2, 2, 3] = float("nan")
+    targets = torch.randint(0, 7, (6, 5), generator=gen)
+    targets[0, 0], targets[1, 1] = 3, 5
+    before = logits.clone()
+    got = plan.argmax_is(logits, targets.unsqueeze(-1))
+    assert torch.equal(got, logits.argmax(-1) == targets)
+    assert torch.equal(torch.nan_to_num(logits, nan=0.5), torch.nan_to_num(before, nan=0.5))  # restored
+    clean = torch.randn(6, 5, 7, generator=gen)
+    assert torch.equal(plan.argmax_is(clean, targets.unsqueeze(-1)), clean.argmax(-1) == targets)

@@ -192,3 +192,15 @@ def test_sampling_happens_on_the_generator_device(name):
     assert b.tokens.is_cuda and b.targets.is_cuda and b.loss_mask.is_cuda
     if name in WITH_CORRUPT:
         assert task.corrupt(b, torch.Generator(device="cuda").manual_seed(0)).tokens.is_cuda
+
+
+def test_batch_rejects_a_non_bool_mask_and_mixed_shapes_and_compares_by_identity():
+    from toylens.data.base import Batch
+
+    t = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"loss_mask must be a bool tensor.*mask.bool\(\)"):
+        Batch(t, t, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="one \\[batch, pos\\] shape"):
+        Batch(t, t[:, :2], torch.ones(2, 3, dtype=torch.bool))
+    b = Batch(t, t, torch.ones(2, 3, dtype=torch.bool))
+    assert b == b and b != Batch(t, t, b.loss_mask)  # identity, never an ambiguous tensor comparison

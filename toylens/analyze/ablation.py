@@ -9,12 +9,16 @@ another row's activation (resample), and measure loss and accuracy on the evalua
     result.rows[:5]            # the five most damaging ablations
     result.to_csv(run_dir / "report" / "ablation.csv")
 
-How it stays exact while being fast is in ``ablation_engine``; the tests compare it against the
-naive loop (one ``run_with_hooks`` per hook on the whole batch).
+How it stays exact while being fast is in ``ablation_plan``; the tests compare it against the
+naive loop (one ``run_with_hooks`` per hook on the whole batch). Plain models (the ones toylens
+trains) run on ``ablation_fused``'s fused forward; others through the model's own hooks. For the
+duration of a call on CPU, chunks run in ``workers`` threads sharing torch's threads (torch's
+thread count is restored afterwards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -25,11 +29,12 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
-from toylens.analyze import ablation_engine as engine
-from toylens.analyze.ablation_engine import HEAD_LABEL, MODES
+from toylens.analyze import ablation_fused as fused
+from toylens.analyze import ablation_hooked as hooked_runner
+from toylens.analyze import ablation_plan as plan
+from toylens.analyze.ablation_plan import HEAD_LABEL, MODES
 from toylens.analyze.result import Result
 from toylens.data.base import Batch
 from toylens.train.model import positional_embedding_type
@@ -68,6 +73,7 @@ class AblationResult(Result):
     modes: list[str]
     n_rows: int
     n_reference_rows: int
+    engine: str = "hooked"  # "fused" (ablation_fused) or "hooked (<why the fused path does not apply>)"
 
     def row(self, hook: str, mode: str = "mean") -> AblationRow:
         for r in self.rows:
@@ -167,9 +173,10 @@ def ablate_every_hook(
     modes: Sequence[str] = ("mean",),
     hooks: Sequence[str] | None = None,
     per_head: bool = True,
-    chunk_rows: int = 250,
+    chunk_rows: int = 100,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> AblationResult:
     """Replace each hook's activation in turn and measure loss and accuracy on ``batch``.
 
@@ -186,6 +193,10 @@ def ablate_every_hook(
         chunk_rows: rows per forward pass (memory and speed; the results do not depend on it).
         generator: randomness of "resample" (default: seeded with 0, so results are reproducible).
         progress: show a tqdm bar over chunks.
+        workers: chunks in flight at once, each in its own thread with torch's threads divided
+            among them (default: 2 on CPU, 1 on an accelerator; torch's thread count is restored
+            afterwards). Two workers bound memory (~2 chunk working sets) and keep a small CPU busy
+            without OpenMP barriers in every small op; ``workers=1`` uses the least memory.
     """
     modes = list(dict.fromkeys(modes))
     unknown = [m for m in modes if m not in MODES]
@@ -194,50 +205,56 @@ def ablate_every_hook(
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
     device = model.cfg.device
+    threads = torch.get_num_threads()
+    if workers is None:  # two chunks in flight on CPU; an accelerator runs one stream anyway
+        workers = min(2, threads) if torch.device(device).type == "cpu" else 1
     same_batch = reference is None or reference is batch
     batch = batch.to(device)
     ref = batch if same_batch else reference.to(device)
 
-    with torch.inference_mode(), engine.keep_freed_memory():
-        order = engine.firing_order(model, batch.tokens)
-        labels, skipped = _choose(model, order, hooks, per_head)
-        fast = engine.fast_path_ok(model)
-        jobs = engine.plan_jobs(model, labels, order, fast)
-        names = list(dict.fromkeys(j.hook for j in jobs))
+    order = plan.firing_order(model, batch.tokens)
+    labels, skipped = _choose(model, order, hooks, per_head)
+    fast = plan.fast_path_ok(model)
+    jobs = plan.plan_jobs(model, labels, order, fast)
+    resample_index = None
+    if "resample" in modes:
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        resample_index = plan.resample_rows(len(batch), len(ref), same_batch, gen).to(device)
 
+    why_not_fused = fused.unsupported(model, order)
+    if why_not_fused is None:
+        runner = fused.FusedRunner(model, jobs, modes, batch.tokens)
+        hooks_on = contextlib.nullcontext()
+    else:
+        patches = hooked_runner.Patches()
+        runner = hooked_runner.Runner(model, jobs, modes, patches, broadcast=fast)
+        hooks_on = model.hooks(fwd_hooks=[(name, patches) for name in order])
+    with torch.inference_mode(), plan.torch_threads(max(1, threads // workers)), hooks_on:
         means = None
         if "mean" in modes:
-            acc = engine.MeanAccumulator(names)
-            for rows in engine.chunks(len(ref), chunk_rows):
-                acc.add_chunk(model, ref.tokens[rows])
-            means = acc.means(model.cfg.dtype)
-        resample_index = None
-        if "resample" in modes:
-            gen = generator if generator is not None else torch.Generator().manual_seed(0)
-            resample_index = engine.resample_rows(len(batch), len(ref), same_batch, gen).to(device)
+            sums = plan.map_chunks(lambda rows: runner.sums(ref.tokens[rows]), len(ref), chunk_rows,
+                                     workers, "ablation: reference means", progress)
+            means = {name: (sum(s[name] for s in sums) / len(ref)).to(model.cfg.dtype)[None]
+                     for name in runner.names}
 
-        clean_names = list(dict.fromkeys(n for j in jobs for n in j.clean))
-        clean = engine.Totals()
-        totals = {(j.label, m): engine.Totals() for j in jobs for m in modes}
-        for rows in tqdm(list(engine.chunks(len(batch), chunk_rows)), desc="ablate_every_hook",
-                         disable=not progress):
-            chunk, nll, correct = engine.clean_chunk(model, batch[rows], clean_names)
-            n = int(chunk.batch.loss_mask.sum())
-            clean.add(nll, correct, n)
-            resampled = None
-            if resample_index is not None:
-                resampled = engine.activations(model, ref.tokens[resample_index[rows]], names)
-            for job in jobs:
-                for mode in modes:
-                    new_value = engine.replacement_fn(mode, job, means, resampled)
-                    nll, correct = engine.run_patched(model, chunk, job, new_value, broadcast=fast)
-                    totals[(job.label, mode)].add(nll, correct, n)
-            del chunk, resampled
+        def evaluate(rows: slice):
+            resample_tokens = None if resample_index is None else ref.tokens[resample_index[rows]]
+            return runner.evaluate(batch[rows], means, resample_tokens)
 
-    clean_loss = clean.loss
-    rows_out = [AblationRow(label, mode, t.loss, t.loss - clean_loss, t.accuracy)
-                for (label, mode), t in totals.items()]
+        per_chunk = plan.map_chunks(evaluate, len(batch), chunk_rows, workers, "ablate_every_hook", progress)
+    totals = sum(per_chunk[1:], per_chunk[0]).tolist()  # in chunk order: deterministic
+
+    def loss_acc(row: list[float]) -> tuple[float, float]:
+        nll, correct, n = row
+        return (nll / n, correct / n) if n else (math.nan, math.nan)
+
+    clean_loss, clean_accuracy = loss_acc(totals[0])
+    rows_out = []
+    for i, (job, mode) in enumerate((j, m) for j in jobs for m in modes):
+        loss, acc = loss_acc(totals[1 + i])
+        rows_out.append(AblationRow(job.label, mode, loss, loss - clean_loss, acc))
     rows_out.sort(key=lambda r: -math.inf if math.isnan(r.delta_loss) else -r.delta_loss)
-    return AblationResult(clean_loss=clean_loss, clean_accuracy=clean.accuracy, rows=rows_out,
+    return AblationResult(clean_loss=clean_loss, clean_accuracy=clean_accuracy, rows=rows_out,
                           skipped=skipped, hooks=labels, modes=modes, n_rows=len(batch),
-                          n_reference_rows=len(ref))
+                          n_reference_rows=len(ref),
+                          engine="fused" if why_not_fused is None else f"hooked ({why_not_fused})")

@@ -15,7 +15,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value; batches compare by identity
 class Batch:
     tokens: Int[Tensor, "batch pos"]
     targets: Int[Tensor, "batch pos"]
@@ -25,6 +25,11 @@ class Batch:
         shapes = {self.tokens.shape, self.targets.shape, self.loss_mask.shape}
         if len(shapes) != 1 or self.tokens.ndim != 2:
             raise ValueError(f"Batch tensors must share one [batch, pos] shape, got {shapes}")
+        if self.loss_mask.dtype != torch.bool:
+            raise ValueError(f"Batch.loss_mask must be a bool tensor, got {self.loss_mask.dtype}; use mask.bool()")
+        devices = {self.tokens.device, self.targets.device, self.loss_mask.device}
+        if len(devices) != 1:
+            raise ValueError(f"Batch tensors are on several devices {sorted(map(str, devices))}; move them to one")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
