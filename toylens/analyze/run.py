@@ -108,7 +108,8 @@ class Run:
 
     def model(self, step: int | None = None, *, folded: bool = False, device: str | torch.device = "cpu",
               check_batch: Batch | None = None, tol: float = FOLD_TOL) -> HookedTransformer:
-        """The model at ``step`` (default: the last checkpoint), in eval mode.
+        """The model at ``step`` (default: the last checkpoint), in eval mode, with the task's tokenizer
+        attached (``toylens.analyze.prompts.attach_tokenizer``: ``model.to_tokens("a b c -> c")``).
 
         ``folded=True`` folds LayerNorm with ``toylens.analyze.folding.fold``, which compares the
         folded model's log-probs with the original's on ``check_batch`` (default: 256 rows of the
@@ -131,12 +132,14 @@ class Run:
             raise CheckpointError(f"{wpath}: positional embedding 'none' but W_pos is not zero; the file was "
                                   f"changed after training, use another step")
         model.eval()
+        from toylens.analyze.prompts import attach_tokenizer  # strings in: model.to_tokens("a b c -> c")
+
         if not folded:
-            return model
+            return attach_tokenizer(model, self.task)
         from toylens.analyze.folding import fold
 
         batch = check_batch if check_batch is not None else self.batch(FOLD_CHECK_ROWS, device=device)
-        return fold(model, batch, tol=tol).model
+        return attach_tokenizer(fold(model, batch, tol=tol).model, self.task)
 
     def _build(self, device: str | torch.device) -> HookedTransformer:
         from toylens.train.model import model_from_config_dict
