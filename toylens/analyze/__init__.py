@@ -25,10 +25,17 @@ _LAZY = {
     "logit_lens": "toylens.analyze.attribution",
     "neuron_activity": "toylens.analyze.neurons",
     "ablate_every_hook": "toylens.analyze.ablation",
+    "checkpoint_dynamics": "toylens.analyze.dynamics",
+    "test_prompt": "toylens.analyze.prompts",
+    "attach_tokenizer": "toylens.analyze.prompts",
+    "pairs_from_task": "toylens.analyze.prompts",
+    "pairs_from_prompts": "toylens.analyze.prompts",
+    "PromptPairs": "toylens.analyze.pairs",
+    "load_pretrained": "toylens.analyze.pretrained",
+    "hf_equivalence": "toylens.analyze.pretrained",
 }
 
-__all__ = ["Run", "RunError", "load_run", "fold", "circuits", "attention_patterns", "direct_logit_attribution",
-           "logit_lens", "neuron_activity", "ablate_every_hook"]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):

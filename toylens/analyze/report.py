@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
+from toylens.analyze.pretrained import AnalyzeModelConfig, PretrainedError, check_model_config, register_model_configs
 from toylens.analyze.run import ANALYSIS_SEED, FOLD_TOL, Run
 from toylens.train.config import ConfigError, resolve_device
 
@@ -45,14 +46,23 @@ class BatchConfig:
 class AblationConfig:
     modes: list[str] = field(default_factory=lambda: ["mean"])  # any of mean, zero, resample
     per_head: bool = True  # also ablate each head alone when a layer has several
-    chunk_rows: int = 250  # rows per forward pass (speed and memory only)
+    chunk_rows: int = 100  # rows per forward pass (speed and memory only)
     top_k: int = 30  # bars in the ranked chart (the table always lists every hook)
 
 
 @dataclass
+class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
+    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # + eval loss
+    steps: list[int] | None = None  # checkpoint steps to analyse; null: every saved one
+
+
+@dataclass
 class AnalyzeConfig:
-    run: str = MISSING  # the run directory toylens-train printed
+    run: str | None = None  # the run directory toylens-train printed (required with model=run)
     step: int | None = None  # checkpoint step; null: the last
+    model: AnalyzeModelConfig = field(default_factory=AnalyzeModelConfig)  # model=run | model=pretrained
+    over: str | None = None  # checkpoints: also analyse every saved checkpoint against the step (dynamics)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     analyses: list[str] = field(default_factory=lambda: list(ANALYSES))
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     batch: BatchConfig = field(default_factory=BatchConfig)  # the evaluation batch every analysis uses
@@ -71,6 +81,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
+    register_model_configs()
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -80,18 +91,28 @@ def _need(ok: bool, msg: str) -> None:
 
 def validate(cfg: AnalyzeConfig) -> None:
     """Raise ConfigError (one line: field, problem, fix) for any value that cannot work."""
-    _need(isinstance(cfg.run, str) and cfg.run.strip() != "" and cfg.run != MISSING,
-          "run is required: toylens-analyze run=<the run directory toylens-train printed>")
+    try:
+        check_model_config(cfg.model)
+    except PretrainedError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.source == "run":
+        _need(isinstance(cfg.run, str) and cfg.run.strip() != "" and cfg.run != MISSING,
+              "run is required: toylens-analyze run=<the run directory toylens-train printed>")
     bad = [a for a in cfg.analyses if a not in ANALYSES]
     _need(not bad, f"analyses: {bad[0] if bad else ''!r} is not an analysis; choose from {', '.join(ANALYSES)} "
                    f"(e.g. analyses=[attention,ablation])")
     for key in ("batch", "reference"):
         size = getattr(cfg, key).size
         _need(size > 0, f"{key}.size={size} must be positive (rows of the task to analyse), e.g. {key}.size=2000")
+    _need(cfg.over in (None, "checkpoints"), f"over={cfg.over!r}: use over=checkpoints (every saved checkpoint) or "
+                                             f"leave it out (one checkpoint)")
+    bad = [a for a in cfg.dynamics.analyses if a not in ("attention", "circuits", "ablation")]
+    _need(not bad, f"dynamics.analyses: {bad[0] if bad else ''!r} is not a dynamics analysis; choose from attention, "
+                   f"circuits, ablation (the eval loss is always measured)")
     _need(cfg.step is None or cfg.step >= 0, f"step={cfg.step} must be a checkpoint step >= 0, or null for the last")
     _need(cfg.chunk_size > 0, f"chunk_size={cfg.chunk_size} must be positive, e.g. chunk_size=250")
     a = cfg.ablation
-    _need(a.chunk_rows > 0, f"ablation.chunk_rows={a.chunk_rows} must be positive, e.g. ablation.chunk_rows=250")
+    _need(a.chunk_rows > 0, f"ablation.chunk_rows={a.chunk_rows} must be positive, e.g. ablation.chunk_rows=100")
     _need(a.top_k > 0, f"ablation.top_k={a.top_k} must be positive")
     bad = [m for m in a.modes if m not in ABLATION_MODES]
     _need(bool(a.modes) and not bad, f"ablation.modes={list(a.modes)}: choose one or more of "
@@ -163,6 +184,10 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
         model = run.model(step, device=device)
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
     builders = [rs.overview, rs.training] + [getattr(rs, name) for name in ANALYSES if name in cfg.analyses]
+    if cfg.over == "checkpoints":
+        from toylens.analyze.report_dynamics import dynamics
+
+        builders.append(dynamics)
     sections = []
     t_start = time.perf_counter()
     for build in builders:

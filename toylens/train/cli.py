@@ -2,13 +2,15 @@
 
 Bad configs exit with status 2 and one line on stderr naming the field and the fix; nothing is
 left behind (Hydra creates the run directory before calling us, so we remove it again while it is
-still empty). In a multirun the error is raised instead, so Hydra records that job as failed and
-its siblings still run.
+still empty). In a multirun (``-m``) each job goes through ``toylens.sweep.job.run_sweep_job``:
+it records its status in the sweep's index, skips finished runs and resumes unfinished ones, and a
+failed job never stops its siblings (the command exits 1 at the end when any run failed).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -18,6 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from toylens._paths import config_dir
 from toylens.train.config import ConfigError, register_configs
+
+# configs/hydra/launcher/{joblib,ray,submitit_local}.yaml share their names with the plugins' schemas,
+# so Hydra validates them against those schemas (wanted) and warns that this matching is deprecated.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 _GROUPS = {"model", "task", "optim", "logger"}  # a group choice makes its whole subtree explicit
 _GLOBAL_GROUPS = {"experiment", "debug"}  # these may set any key
@@ -54,7 +61,10 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
+    if hc.mode == RunMode.MULTIRUN:
+        from toylens.sweep.job import run_sweep_job
+
+        return run_sweep_job(dcfg, hc)
     try:
         cfg = OmegaConf.to_object(dcfg)
         overrides = list(hc.overrides.task)
@@ -62,8 +72,6 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
                        overrides=overrides)
     except (ConfigError, CheckpointError, TrainingDiverged) as e:
         _remove_if_empty(run_dir)
-        if multirun:
-            raise
         _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
     if cfg.resume:
         _remove_if_empty(run_dir)

@@ -1,0 +1,79 @@
+"""The report's "Training dynamics" section (``toylens-analyze run=<dir> over=checkpoints``): the
+analyses of ``toylens.analyze.dynamics`` on every saved checkpoint, plotted against the step."""
+
+from __future__ import annotations
+
+import sys
+
+import plotly.graph_objects as go
+
+from toylens.analyze.report import Figure, Note, Section, Table
+from toylens.analyze.result import jsonable
+
+
+def dynamics(ctx) -> Section:
+    from toylens.analyze.dynamics import FORMED_AT, checkpoint_dynamics
+
+    cfg = ctx.cfg
+    d = cfg.dynamics
+    steps = d.steps if d.steps else None
+    if cfg.progress:
+        print(f"toylens-analyze: dynamics over {len(steps or ctx.run.steps)} checkpoints ...", file=sys.stderr,
+              flush=True)
+    res = checkpoint_dynamics(ctx.run, ctx.batch, reference=ctx.reference if "ablation" in d.analyses else None,
+                              steps=steps, analyses=list(d.analyses), per_head=cfg.ablation.per_head,
+                              chunk_size=cfg.chunk_size, ablation_chunk_rows=cfg.ablation.chunk_rows,
+                              device=ctx.device, progress=cfg.progress)
+    data = jsonable(res.to_dict())
+    losses = res.loss.tolist()
+    drops = [(losses[i] - losses[i + 1], res.steps[i + 1]) for i in range(len(losses) - 1)]
+    data["largest_loss_drop"] = ({"to_step": max(drops)[1], "drop": max(drops)[0]} if drops else None)
+    ctx.data["dynamics"] = data
+    section = Section("dynamics", "Training dynamics (every saved checkpoint)", (
+        "The same analyses on each saved checkpoint, with one evaluation batch for all of them: the loss, each "
+        "head's previous-token (and other) scores, OV copying scores and the every-hook ablation. Read when "
+        "the loss drops, when a head takes on its role and which activations start to matter."))
+    n = len(res.steps)
+    kept = ctx.run.config.train.keep_last
+    if n < 4:
+        section.blocks.append(Note(
+            f"Only {n} checkpoint(s) on disk (steps {res.steps}); this run kept its newest train.keep_last={kept}. "
+            f"Train with e.g. train.checkpoint_every=25 train.keep_last=1000 to see the dynamics.", "warn"))
+    formed = data["previous_token_formed_at"]
+    summary = [["checkpoints", f"{n} (steps {res.steps[0]} to {res.steps[-1]})"],
+               ["loss at first / last checkpoint", f"{losses[0]:.4g} / {losses[-1]:.4g}"]]
+    if data["largest_loss_drop"]:
+        summary.append(["largest loss drop between checkpoints",
+                        f"{data['largest_loss_drop']['drop']:.4g}, by step {data['largest_loss_drop']['to_step']}"])
+    if res.head_scores:
+        if formed:
+            i = res.head_labels.index(formed["head"])
+            s = res.head_scores["previous_token"].reshape(n, -1)[:, i]
+            text = (f"{formed['head']} at step {formed['step']} (previous_token score {float(s[0]):.3g} at the "
+                    f"first checkpoint, {float(s.max()):.3g} at most)")
+        else:
+            text = "no head's previous_token score rises"
+        summary.append([f"previous-token head formed ({FORMED_AT:.0%} of its rise)", text])
+    section.blocks.append(Table(["", "value"], summary))
+    figs = res.figures()
+    metrics = [(r["step"], r["eval/loss"]) for r in ctx.run.metrics if isinstance(r.get("eval/loss"), (int, float))]
+    if metrics:  # the training log's denser eval/loss, behind the checkpoints' own points
+        figs["dynamics/loss"].add_trace(go.Scatter(x=[m[0] for m in metrics], y=[m[1] for m in metrics],
+                                                   mode="lines", name="eval/loss (metrics.jsonl)", opacity=0.5))
+    order = ["dynamics/loss", "dynamics/previous_token", "dynamics/accuracy", "dynamics/copying_score",
+             "dynamics/ablation_top", "dynamics/induction", "dynamics/current_token", "dynamics/first_token",
+             "dynamics/duplicate_token"]
+    for name in order + [k for k in figs if k not in order]:
+        if name in figs:
+            fig = figs[name]
+            wide = name == "dynamics/ablation"
+            height = 160 + 16 * len(res.ablation_hooks) if wide else 400
+            fig.update_layout(height=height, margin=dict(l=60 if not wide else 220, r=20, t=56, b=50),
+                              title_font_size=14, title_x=0.02)
+            section.blocks.append(Figure(name, fig, wide=wide))
+    if res.head_scores:
+        section.blocks.append(Table(["step", *res.head_labels],
+                                    [[s, *res.head_scores["previous_token"][i].reshape(-1).tolist()]
+                                     for i, s in enumerate(res.steps)], sortable=True,
+                                    caption="previous_token score of each head at each checkpoint"))
+    return section
