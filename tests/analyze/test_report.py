@@ -74,7 +74,8 @@ def test_report_folder_is_complete_and_offline(written):
                  "dla/per_pos", "logit_lens/loss", "neurons/layer0_frequency", "neurons/dead", "ablation/ranked"):
         assert name in names, name
     assert [s["id"] for s in data["sections"]] == ["model", "training", "fold", "attention", "circuits", "dla",
-                                                    "logit_lens", "neurons", "ablation"]
+                                                    "logit_lens", "neurons", "ablation", "patching", "tracing",
+                                                    "task_vectors"]
     for s in data["sections"]:
         assert f'<section id="{s["id"]}">' in page and f'href="#{s["id"]}"' in page  # table of contents
 
@@ -285,3 +286,36 @@ def test_wandb_run_gets_the_report_offline(trained, tmp_path, monkeypatch):
     record = (runs[0] / "run-tlreport01.wandb").read_bytes()
     assert b"analyze/attention/previous_token_head/head" in record
     assert not math.isnan(data["ablation"]["clean_loss"])
+
+
+def test_intervention_sections_equal_direct_calls(written):
+    """Patching, attribution patching and tracing numbers in report.json are those of the functions
+    called directly on the same pairs; task vectors say why they are skipped on a prev_token run."""
+    from toylens.analyze.attribution_patching import attribution_patch, correlation
+    from toylens.analyze.patching import patch
+    from toylens.analyze.prompts import pairs_from_task
+    from toylens.analyze.tracing import causal_trace
+
+    run, _, data, page = written
+    cfg = small_config(run.path)
+    model = run.model()
+    pairs = pairs_from_task(run.task, cfg.pairs.n, cfg.pairs.seed)
+    p = data["patching"]
+    assert p["n_pairs"] == cfg.pairs.n and set(p["sweeps"]) == set(cfg.patching.kinds)
+    for kind in cfg.patching.kinds:
+        expect = patch(model, pairs, kind, progress=False)
+        got = torch.tensor(p["sweeps"][kind]["values"])
+        assert torch.allclose(got, expect.values.float(), atol=1e-5), kind
+    attr = attribution_patch(model, pairs, cfg.patching.kinds)
+    exact = patch(model, pairs, "block_every", progress=False)
+    assert p["attribution_correlation"]["resid_pre"] == pytest.approx(
+        correlation(attr["block_every"].sub("resid_pre"), exact.sub("resid_pre")), abs=1e-6)
+    n = cfg.tracing.prompts
+    noise = torch.arange(pairs.n_pos)[None, :] < pairs.answer_pos[:n, None]
+    tr = causal_trace(model, pairs.clean[:n], pairs.answer_pos[:n], pairs.answers[:n, 0, 0], noise,
+                      n_samples=cfg.tracing.n_samples, seed=cfg.tracing.seed, progress=False)
+    assert data["tracing"]["clean"] == pytest.approx(tr.clean, abs=1e-6)
+    assert data["tracing"]["noised"] == pytest.approx(tr.noised, abs=1e-6)
+    for kind, v in tr.values.items():
+        assert torch.allclose(torch.tensor(data["tracing"]["values"][kind]), v.float(), atol=1e-6), kind
+    assert "icl" in data["task_vectors"]["skipped"] and "Skipped: task vectors need" in page

@@ -1,4 +1,5 @@
-"""Take trained models apart: load a run, fold, circuits, attention, attribution, neurons, ablation.
+"""Take trained models apart: load a run, fold, circuits, attention, attribution, neurons, ablation,
+patching, causal tracing, task vectors; prompts and pretrained models.
 
     import toylens
     run = toylens.load_run(path)
@@ -33,6 +34,10 @@ _LAZY = {
     "PromptPairs": "toylens.analyze.pairs",
     "load_pretrained": "toylens.analyze.pretrained",
     "hf_equivalence": "toylens.analyze.pretrained",
+    "patch": "toylens.analyze.patching",
+    "patching_context": "toylens.analyze.patching",
+    "attribution_patch": "toylens.analyze.attribution_patching",
+    "causal_trace": "toylens.analyze.tracing",
 }
 
 __all__ = list(_LAZY)

@@ -42,6 +42,8 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
             raise ConfigError("run is required: toylens-analyze run=<the run directory toylens-train printed>"
                               ) from None
         validate(cfg)
+        if cfg.model.source == "pretrained":
+            return _pretrained(cfg, multirun)
         run = load_run(cfg.run)
         run.check_step(cfg.step)
     except (ConfigError, RunError) as e:
@@ -61,6 +63,23 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
             raise
         _fail(str(e), 1)
     print(f"toylens-analyze: report of {run.name} (step {run.check_step(cfg.step)}):", file=sys.stderr)
+    print(index)
+    return str(index)
+
+
+def _pretrained(cfg, multirun: bool) -> str:
+    """model=pretrained: the intervention report of a pretrained model on cfg.pairs, written to cfg.out."""
+    from toylens.analyze.pretrained import PretrainedError
+    from toylens.analyze.prompts import PromptError
+    from toylens.analyze.report_pretrained import make_pretrained_report
+
+    try:
+        index = make_pretrained_report(cfg)
+    except (PretrainedError, PromptError, ConfigError) as e:
+        if multirun:
+            raise
+        _fail(str(e), 2)
+    print(f"toylens-analyze: report of {cfg.model.name}:", file=sys.stderr)
     print(index)
     return str(index)
 

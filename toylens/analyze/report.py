@@ -32,7 +32,10 @@ if TYPE_CHECKING:
     from toylens.analyze.ablation import AblationResult
 
 # In page order. "circuits" folds the model itself when "fold" is not asked for.
-ANALYSES = ("fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation")
+ANALYSES = ("fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation", "patching", "tracing",
+            "task_vectors")
+# Sections built by report_interventions (the others by report_sections).
+INTERVENTIONS = ("patching", "tracing", "task_vectors")
 ABLATION_MODES = ("mean", "zero", "resample")
 
 
@@ -48,6 +51,41 @@ class AblationConfig:
     per_head: bool = True  # also ablate each head alone when a layer has several
     chunk_rows: int = 100  # rows per forward pass (speed and memory only)
     top_k: int = 30  # bars in the ranked chart (the table always lists every hook)
+
+
+@dataclass
+class PairsConfig:  # clean/corrupted pairs for patching and tracing
+    n: int = 32  # pairs drawn from the run's task corrupt() when no prompts are given
+    seed: int = ANALYSIS_SEED + 2
+    clean: list[str] = field(default_factory=list)  # or prompt strings (equal token lengths), with
+    corrupted: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)  # the clean prompts' answers
+    wrong_answers: list[str] = field(default_factory=list)  # the corrupted prompts' answers
+
+
+@dataclass
+class PatchingConfig:
+    kinds: list[str] = field(default_factory=lambda: ["block_every", "attn_head_all_pos_every", "z_by_pos"])
+    metric: str = "logit_diff"  # logit_diff | loss | accuracy
+    attribution: bool = True  # also attribution patching, with its correlation to the exact sweeps
+
+
+@dataclass
+class TracingConfig:
+    prompts: int = 8  # the first pairs' clean prompts
+    noise: list[int] = field(default_factory=list)  # positions to noise; empty: every position before the answer
+    kinds: list[str] = field(default_factory=lambda: ["resid", "attn", "mlp"])
+    n_samples: int = 5
+    sigma: float | None = None  # null: 3 x the std of the embeddings
+    window: int = 1
+    metric: str = "prob"  # prob | logprob
+    seed: int = 0
+
+
+@dataclass
+class TaskVectorsConfig:
+    n: int = 256  # prompts per rule
+    seed: int = ANALYSIS_SEED + 3
 
 
 @dataclass
@@ -69,6 +107,11 @@ class AnalyzeConfig:
     # Ablation replaces activations by statistics of a separate batch (as seed 004 does).
     reference: BatchConfig = field(default_factory=lambda: BatchConfig(seed=ANALYSIS_SEED + 1))
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    task_vectors: TaskVectorsConfig = field(default_factory=TaskVectorsConfig)
+    out: str | None = None  # model=pretrained: the report folder (with a run: <run>/report)
     chunk_size: int = 250  # rows per forward pass in every other analysis
     fold_tol: float = FOLD_TOL  # max |delta log-prob| allowed between folded and original model
     max_tokens: int = 50  # QK/OV token heatmaps show the first max_tokens tokens of the vocabulary
@@ -117,6 +160,23 @@ def validate(cfg: AnalyzeConfig) -> None:
     bad = [m for m in a.modes if m not in ABLATION_MODES]
     _need(bool(a.modes) and not bad, f"ablation.modes={list(a.modes)}: choose one or more of "
                                      f"{', '.join(ABLATION_MODES)}, e.g. ablation.modes=[mean,zero]")
+    p = cfg.pairs
+    _need(p.n > 0, f"pairs.n={p.n} must be positive, e.g. pairs.n=32")
+    _need(len(p.corrupted) == len(p.clean) and len(p.answers) == len(p.clean)
+          and len(p.wrong_answers) in (0, len(p.clean)),
+          f"pairs: {len(p.clean)} clean, {len(p.corrupted)} corrupted prompts, {len(p.answers)} answers and "
+          f"{len(p.wrong_answers)} wrong_answers; give one of each per pair")
+    _need(cfg.patching.metric in ("logit_diff", "loss", "accuracy"),
+          f"patching.metric={cfg.patching.metric!r}: choose logit_diff, loss or accuracy")
+    t = cfg.tracing
+    _need(t.prompts > 0 and t.n_samples > 0 and t.window > 0,
+          "tracing.prompts, tracing.n_samples and tracing.window must be positive")
+    _need(t.metric in ("prob", "logprob"), f"tracing.metric={t.metric!r}: choose prob or logprob")
+    _need(cfg.task_vectors.n > 0, f"task_vectors.n={cfg.task_vectors.n} must be positive")
+    if cfg.model.source == "pretrained":
+        _need(bool(cfg.out), "out is required with model=pretrained: the folder for the report, e.g. out=reports/gpt2")
+        _need(bool(p.clean), "model=pretrained needs prompt pairs: pairs.clean=[...] pairs.corrupted=[...] "
+                             "pairs.answers=[...] pairs.wrong_answers=[...]")
     _need(cfg.fold_tol > 0, f"fold_tol={cfg.fold_tol} must be positive, e.g. fold_tol=1e-4")
     _need(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be positive, e.g. max_tokens=50")
     _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
@@ -183,7 +243,10 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     if model is None:
         model = run.model(step, device=device)
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
-    builders = [rs.overview, rs.training] + [getattr(rs, name) for name in ANALYSES if name in cfg.analyses]
+    from toylens.analyze import report_interventions as ri
+
+    builders = [rs.overview, rs.training] + [getattr(ri if name in INTERVENTIONS else rs, name)
+                                             for name in ANALYSES if name in cfg.analyses]
     if cfg.over == "checkpoints":
         from toylens.analyze.report_dynamics import dynamics
 

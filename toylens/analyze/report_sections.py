@@ -31,6 +31,7 @@ class Context:
     data: dict = field(default_factory=lambda: {"toylens_report": 1, "timings_s": {}})
     folded: Any = None  # the folded model once the fold check passed
     ablation: Any = None  # AblationResult, for ablation.csv and wandb
+    cache: dict = field(default_factory=dict)  # values several sections share (report_interventions: pairs)
 
     @functools.cached_property
     def batch(self):

@@ -1,5 +1,9 @@
 """In-context rule following: ``a b c -> c ; d e f -> f ; g h i -> i`` ("pick the k-th of each group").
 
+``rule: shift`` (``group_size: 1``) maps one symbol instead: ``a -> c ; d -> f ; g -> i`` (``y = x + k``
+modulo ``n_symbols``). There the query symbol alone cannot hold the answer; the rule, read off the
+demos, must be combined with it.
+
 Each sequence draws one rule ``k`` from ``ks`` and uses it for all its demos and for the query, so
 the rule can only be read off the demos: the setting of task-vector analyses, which patch the
 residual stream at the final ``->`` (``arrow_position``) into zero-shot prompts (``sample_rule``).
@@ -16,6 +20,8 @@ from torch import Tensor
 from toylens.data.base import Batch, Task, TaskConfig, register_task
 from toylens.data.tasks._common import next_token_targets, require, symbol_names
 
+RULES = ("pick", "shift")
+
 
 @dataclass
 class ICLConfig(TaskConfig):
@@ -23,12 +29,15 @@ class ICLConfig(TaskConfig):
     n_symbols: int = 26  # token ids 3..n_symbols+2 (0 BOS, 1 "->", 2 ";")
     group_size: int = 3  # g: distinct symbols per group
     n_demos: int = 4  # solved groups before the query
-    ks: list[int] = field(default_factory=lambda: [0, 1, 2])  # the rules: answer = group[k]
+    ks: list[int] = field(default_factory=lambda: [0, 1, 2])  # the rules: answer = group[k] (shift: x + k)
+    rule: str = "pick"  # pick: y = group[k]; shift: y = (x + k) mod n_symbols, needs group_size 1
 
 
 @register_task
 class ICL(Task):
     """``[BOS, (x_1..x_g, ->, y, ;) * n_demos, x_1..x_g, ->, y_query]`` with ``y = x_{k+1}``.
+
+    With ``rule: shift`` (``g = 1``), ``y = (x + k) mod n_symbols`` (``answer``).
 
     The symbols of a group are distinct (so the rule is identifiable from any demo), groups are
     independent. The last token is the query's answer (teacher forcing). Targets are the next
@@ -41,6 +50,9 @@ class ICL(Task):
 
     def __init__(self, cfg: ICLConfig):
         require(cfg.group_size >= 1, "group_size", cfg.group_size, "must be at least 1; raise it")
+        require(cfg.rule in RULES, "rule", cfg.rule, f"is not a rule; use one of {list(RULES)}")
+        shift = cfg.rule == "shift"
+        require(not shift or cfg.group_size == 1, "group_size", cfg.group_size, "must be 1 for rule=shift; set it to 1")
         require(
             cfg.n_symbols >= max(2, cfg.group_size),
             "n_symbols",
@@ -50,11 +62,13 @@ class ICL(Task):
         require(cfg.n_demos >= 0, "n_demos", cfg.n_demos, "must be at least 0 (0 is zero-shot)")
         ks = [int(k) for k in cfg.ks]
         require(len(ks) >= 1, "ks", ks, "must name at least one rule, e.g. [0, 1, 2]")
+        n_rules = cfg.n_symbols if shift else cfg.group_size
         require(
-            all(0 <= k < cfg.group_size for k in ks),
+            all(0 <= k < n_rules for k in ks),
             "ks",
             ks,
-            f"must index into a group: each k in [0, group_size={cfg.group_size})",
+            f"must be shifts in [0, n_symbols={n_rules})" if shift
+            else f"must index into a group: each k in [0, group_size={n_rules})",
         )
         require(len(set(ks)) == len(ks), "ks", ks, "must not repeat a rule; list each k once")
         super().__init__(cfg)
@@ -106,10 +120,27 @@ class ICL(Task):
             chosen = torch.cat([chosen, v[..., None]], dim=-1)
         return chosen + self.FIRST_SYMBOL
 
+    @property
+    def n_rules(self) -> int:
+        """How many rules there could be: ``group_size`` indices (pick) or ``n_symbols`` shifts."""
+        return self.cfg.n_symbols if self.cfg.rule == "shift" else self.cfg.group_size
+
+    def answer(self, groups: Tensor, k: int | Tensor) -> Tensor:
+        """The answer of each group under rule ``k``: ``groups`` ``[*batch, g]`` -> ``[*batch]``.
+
+        ``k`` is one rule or one per row (``[batch]``, broadcast over any further group dims).
+        """
+        k = torch.as_tensor(k, device=groups.device)
+        k = k.view(*k.shape, *[1] * (groups.ndim - 1 - k.ndim))  # [batch] against [batch, G]
+        if self.cfg.rule == "shift":
+            n, first = self.cfg.n_symbols, self.FIRST_SYMBOL
+            return (groups[..., 0] - first + k) % n + first
+        return groups.gather(-1, k.expand(groups.shape[:-1])[..., None])[..., 0]
+
     def _build(self, groups: Tensor, k: Tensor) -> Batch:
         """Lay out ``groups`` (``[batch, G, g]``) answered by rule ``k`` (``[batch]``)."""
-        batch, n_groups, g = groups.shape
-        answers = groups.gather(2, k.view(batch, 1, 1).expand(batch, n_groups, 1))
+        batch = groups.shape[0]
+        answers = self.answer(groups, k)[..., None]
         arrow = torch.full_like(answers, self.ARROW)
         semi = torch.full_like(answers, self.SEMI)
         body = torch.cat([groups, arrow, answers, semi], dim=2).view(batch, -1)[:, :-1]
@@ -128,11 +159,12 @@ class ICL(Task):
         """A batch that follows rule ``k`` in every row, with ``n_demos`` demos (config's when None).
 
         ``n_demos=0`` gives zero-shot queries ``[BOS, x_1..x_g, ->, y]``. ``k`` may be any index
-        into a group, also one outside ``ks``.
+        into a group (a shift in ``[0, n_symbols)`` for ``rule: shift``), also one outside ``ks``.
         """
         n = self.cfg.n_demos if n_demos is None else n_demos
-        if not 0 <= k < self.cfg.group_size:
-            raise ValueError(f"k={k} must be in [0, group_size={self.cfg.group_size})")
+        if not 0 <= k < self.n_rules:
+            what = "n_symbols" if self.cfg.rule == "shift" else "group_size"
+            raise ValueError(f"k={k} must be in [0, {what}={self.n_rules})")
         if n < 0:
             raise ValueError(f"n_demos={n} must be at least 0")
         rule = torch.full((batch_size,), k, dtype=torch.long, device=generator.device)
@@ -143,13 +175,15 @@ class ICL(Task):
         """The rule ``k`` of each row, read off its first group (``[batch]``)."""
         g = self.cfg.group_size
         first, answer = batch.tokens[:, 1 : g + 1], batch.tokens[:, g + 2]
+        if self.cfg.rule == "shift":
+            return (answer - first[:, 0]) % self.cfg.n_symbols
         return (first == answer[:, None]).int().argmax(dim=1)
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The same symbols answered by a different rule ``k'`` (uniform over ``ks`` minus ``k``).
 
         Every group, the query included, follows ``k'``: the demos' answer tokens change, and the
-        targets (the next tokens) follow the new rule, so the query's target becomes ``x_{k'+1}``.
+        targets (the next tokens) follow the new rule, so the query's target becomes ``answer(x, k')``.
         The clean answer is the clean batch's target at ``arrow_position``. Works for any number
         of demos; needs a rule in ``ks`` other than the row's own.
         """

@@ -1,0 +1,66 @@
+"""toylens-analyze model=pretrained: the intervention report of a (tiny, local) GPT-2 on prompt pairs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from toylens.analyze.report import AnalyzeConfig
+from toylens.analyze.report_pretrained import make_pretrained_report
+
+CLEAN = ["When Mary and John went to store John gave", "When John and Mary went to store Mary gave"]
+CORRUPTED = ["When Mary and John went to store Mary gave", "When John and Mary went to store John gave"]
+
+
+def config(out, path) -> AnalyzeConfig:
+    cfg = AnalyzeConfig(device="cpu", progress=False, out=str(out), analyses=["patching", "tracing"])
+    cfg.model.source, cfg.model.name, cfg.model.path = "pretrained", "gpt2", str(path)
+    cfg.pairs.clean, cfg.pairs.corrupted = list(CLEAN), list(CORRUPTED)
+    cfg.pairs.answers, cfg.pairs.wrong_answers = [" Mary", " John"], [" John", " Mary"]
+    cfg.patching.kinds = ["resid_pre", "z_all_pos"]
+    cfg.tracing.n_samples = 2
+    return cfg
+
+
+def test_pretrained_report_numbers_equal_direct_calls(tiny_gpt2, tiny_gpt2_dir, tmp_path):
+    from toylens.analyze.patching import patch
+    from toylens.analyze.prompts import pairs_from_prompts
+
+    hf_model, model = tiny_gpt2
+    cfg = config(tmp_path / "report", tiny_gpt2_dir)
+    index = make_pretrained_report(cfg, model=model, hf_model=hf_model)
+    data = json.loads((index.parent / "report.json").read_text())
+    assert data["equivalence"]["passed"] is True and data["equivalence"]["max_abs_prob_diff"] < 1e-5
+    pairs = pairs_from_prompts(model, CLEAN, CORRUPTED, [" Mary", " John"], [" John", " Mary"])
+    for kind in cfg.patching.kinds:
+        expect = patch(model, pairs, kind, progress=False).values.float()
+        assert torch.allclose(torch.tensor(data["patching"]["sweeps"][kind]["values"]), expect, atol=1e-5), kind
+    assert [s["id"] for s in data["sections"]] == ["model", "equivalence", "test_prompt", "patching", "tracing"]
+    assert data["test_prompt"]["prompt"] == CLEAN[0]
+
+
+def test_cli_pretrained_report_and_its_errors(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "gpt2_report"
+    args = [sys.executable, "-m", "toylens.analyze.cli", "model=pretrained", "model.name=gpt2",
+            f"model.path={tiny_gpt2_dir}", "device=cpu", "progress=false", "analyses=[patching]",
+            "patching.kinds=[resid_pre]", "patching.attribution=false",
+            f"pairs.clean={json.dumps(CLEAN)}", f"pairs.corrupted={json.dumps(CORRUPTED)}",
+            'pairs.answers=[" Mary"," John"]', 'pairs.wrong_answers=[" John"," Mary"]']
+    ok = subprocess.run(args + [f"out={out}"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip() == str(out / "index.html")
+    assert json.loads((out / "report.json").read_text())["patching"]["n_pairs"] == 2
+    no_out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert no_out.returncode == 2 and "out is required with model=pretrained" in no_out.stderr
+    bad = subprocess.run(args[:4] + [f"model.path={tmp_path / 'nowhere'}", f"out={tmp_path / 'x'}"] + args[5:],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,168 @@
+"""The report's intervention sections: activation (and attribution) patching, causal tracing and
+task vectors. Like ``report_sections``, each builder runs its analysis, stores every number it
+shows in ``ctx.data[<section>]`` (report.json) and returns a ``Section``.
+
+Clean/corrupted pairs come from ``cfg.pairs``: prompt strings when given (tokenized by the model's
+tokenizer: toy runs have one attached, pretrained models keep theirs), else ``pairs.n`` pairs from
+the run's task ``corrupt()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from toylens.analyze.report import Figure, Note, Section, Table
+from toylens.analyze.result import jsonable
+
+
+def _style(fig, height: int = 380):
+    fig.update_layout(height=height, margin=dict(l=60, r=20, t=56, b=50), title_font_size=14, title_x=0.02)
+    return fig
+
+
+def pairs_for(ctx):
+    """The clean/corrupted pairs of this report (cached on the context), or a string saying why there are none."""
+    if "pairs" in ctx.cache:
+        return ctx.cache["pairs"]
+    from toylens.analyze.prompts import pairs_from_prompts, pairs_from_task
+
+    p = ctx.cfg.pairs
+    if p.clean:
+        pairs = pairs_from_prompts(ctx.model, p.clean, p.corrupted, p.answers, p.wrong_answers or None)
+    elif ctx.run is None:
+        pairs = "no prompts: give pairs.clean, pairs.corrupted, pairs.answers and pairs.wrong_answers"
+    elif getattr(type(ctx.run.task), "corrupt", None) is None or not _has_corrupt(ctx.run.task):
+        pairs = (f"the {ctx.run.task.name} task has no corrupt(): give prompt pairs with pairs.clean=[...] "
+                 f"pairs.corrupted=[...] pairs.answers=[...] pairs.wrong_answers=[...]")
+    else:
+        pairs = pairs_from_task(ctx.run.task, p.n, p.seed, device=ctx.device)
+    ctx.cache["pairs"] = pairs
+    return pairs
+
+
+def _has_corrupt(task) -> bool:
+    from toylens.data.base import Task
+
+    return type(task).corrupt is not Task.corrupt
+
+
+def _pairs_note(pairs) -> list:
+    return [Note(f"Skipped: {pairs}.", "warn")]
+
+
+def _pairs_table(pairs) -> Table:
+    return Table(["", "value"], [["pairs", pairs.batch_size], ["positions", pairs.n_pos],
+                                 ["answer positions", sorted(set(pairs.answer_pos.tolist()))],
+                                 ["answer tokens", pairs.answers.shape[2]]])
+
+
+# --- activation patching ---------------------------------------------------------------------------
+def patching(ctx) -> Section:
+    from toylens.analyze.attribution_patching import attribution_patch, correlation
+    from toylens.analyze.patching import patch, patching_context
+
+    cfg = ctx.cfg.patching
+    section = Section("patching", "Activation patching", (
+        "Each cell runs the corrupted prompts with one activation taken from the clean run and measures how much "
+        f"of the clean {cfg.metric} comes back (0 = corrupted, 1 = clean). Bright cells carry the information that "
+        "distinguishes the clean answer. Attribution patching is the first-order (gradient) estimate of the same "
+        "numbers from one forward and one backward pass; its correlation with the exact values says how far "
+        "the linear picture can be trusted."))
+    pairs = pairs_for(ctx)
+    if isinstance(pairs, str):
+        section.blocks += _pairs_note(pairs)
+        ctx.data["patching"] = {"skipped": pairs}
+        return section
+    section.blocks.append(_pairs_table(pairs))
+    context = patching_context(ctx.model, pairs, cfg.metric)
+    kinds = [k for k in cfg.kinds if not (ctx.model.cfg.attn_only and k in ("resid_mid", "mlp_out"))]
+    results = {k: patch(ctx.model, pairs, k, cfg.metric, progress=ctx.cfg.progress, context=context) for k in kinds}
+    data = {"metric": cfg.metric, "n_pairs": pairs.batch_size, "sweeps": {k: jsonable(r.to_dict())
+                                                                          for k, r in results.items()}}
+    first = next(iter(results.values()), None)
+    if first is not None:
+        data["clean_value"], data["corrupted_value"] = first.clean_value, first.corrupted_value
+        section.blocks.append(Note(f"{cfg.metric}: clean {first.clean_value:.4g}, corrupted "
+                                   f"{first.corrupted_value:.4g} (mean over {pairs.batch_size} pairs).", "info"))
+    for r in results.values():
+        section.blocks += [Figure(n, _style(f)) for n, f in r.figures().items()]
+    if cfg.attribution and results:
+        attr = attribution_patch(ctx.model, pairs, kinds, cfg.metric)
+        rows, corr = [], {}
+        for kind, exact in results.items():
+            est = attr.results.get(kind)
+            if est is None:
+                continue
+            types = exact.labels["patch_type"] if exact.dims[0] == "patch_type" else [None]
+            for t in types:
+                e, x = (est, exact) if t is None else (est.sub(t), exact.sub(t))
+                corr[e.kind] = correlation(e, x)
+                rows.append([e.kind, corr[e.kind]])
+        data["attribution_correlation"] = corr
+        section.blocks.append(Table(["sweep", "correlation: attribution vs exact patching"], rows,
+                                    caption="Pearson correlation over all cells of each sweep"))
+    ctx.data["patching"] = data
+    return section
+
+
+# --- causal tracing --------------------------------------------------------------------------------
+def tracing(ctx) -> Section:
+    from toylens.analyze.tracing import causal_trace
+
+    cfg = ctx.cfg.tracing
+    section = Section("tracing", "Causal tracing", (
+        "ROME's causal trace: Gaussian noise (σ = 3 × the std of the embeddings unless set) is added to the "
+        "embeddings of the noised positions (marked *), which destroys the answer; then one clean state at a time "
+        "(the residual stream, an attention output or an MLP output at one layer and position) is restored. "
+        "Cells that bring the answer's probability back hold the information the answer needs."))
+    pairs = pairs_for(ctx)
+    if isinstance(pairs, str):
+        section.blocks += _pairs_note(pairs)
+        ctx.data["tracing"] = {"skipped": pairs}
+        return section
+    n = min(cfg.prompts, pairs.batch_size)
+    tokens, answer_pos = pairs.clean[:n], pairs.answer_pos[:n]
+    if cfg.noise:
+        noise = list(cfg.noise)
+    else:  # every position before the answer position
+        noise = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < answer_pos[:, None]
+    kinds = [k for k in cfg.kinds if not (ctx.model.cfg.attn_only and k == "mlp")]
+    res = causal_trace(ctx.model, tokens, answer_pos, pairs.answers[:n, 0, 0], noise, kinds=kinds,
+                       window=cfg.window, n_samples=cfg.n_samples, sigma=cfg.sigma, seed=cfg.seed,
+                       metric=cfg.metric, pos_labels=pairs.labels(), progress=ctx.cfg.progress)
+    ctx.data["tracing"] = jsonable(res.to_dict())
+    rows = [[k, p["hook"], p["pos"], p["value"]] for k, p in res.peaks().items()]
+    section.blocks.append(Note(f"{res.metric} of the answer: clean {res.clean:.4g}, noised {res.noised:.4g} "
+                               f"({n} prompts × {res.n_samples} noise samples, σ = {res.sigma:.3g}).", "info"))
+    section.blocks.append(Table(["kind", "best restore", "position", res.metric], rows))
+    section.blocks += [Figure(name, _style(fig, 420)) for name, fig in res.figures().items()]
+    return section
+
+
+# --- task vectors ----------------------------------------------------------------------------------
+def task_vectors(ctx) -> Section:
+    from toylens.analyze.task_vectors import task_vectors as compute
+
+    section = Section("task_vectors", "Task vectors (in-context rules)", (
+        "The residual stream at the final '->' of prompts with demonstrations, averaged over prompts, is the "
+        "candidate task vector θ_k of rule k. Patched into the same position of zero-shot queries (no demos), "
+        "it should make the model answer by rule k; swapping in the vector of another rule should make the "
+        "answer follow the vector, not the demos."))
+    task = None if ctx.run is None else ctx.run.task
+    if task is None or task.name != "icl":
+        why = "task vectors need a run of the icl task (e.g. toylens-train experiment=icl_task_vectors)"
+        section.blocks.append(Note(f"Skipped: {why}.", "info"))
+        ctx.data["task_vectors"] = {"skipped": why}
+        return section
+    res = compute(ctx.model, task, n=ctx.cfg.task_vectors.n, seed=ctx.cfg.task_vectors.seed,
+                  progress=ctx.cfg.progress)
+    d = jsonable(res.to_dict())
+    ctx.data["task_vectors"] = d
+    b = d["best"]
+    kind = "pass" if b["accuracy"] > b["zero_shot_baseline"] + 0.1 else "warn"
+    section.blocks.append(Note(
+        f"Best point {b['hook']}: zero-shot accuracy with the task vector {b['accuracy']:.3f}, against "
+        f"{b['zero_shot_baseline']:.3f} without demos and {b['demo_baseline']:.3f} with {res.n_demos} demos; "
+        f"swapped vectors: {b['swap_follows_vector']:.3f} of answers follow the vector's rule.", kind))
+    section.blocks += [Figure(name, _style(fig)) for name, fig in res.figures().items()]
+    return section
