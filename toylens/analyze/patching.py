@@ -26,6 +26,12 @@ Kinds (TransformerLens function in brackets; head axes count key/value heads for
 
 Metrics are per-prompt functions of the answer-position logits (``toylens.analyze.metrics``); a
 sweep's value is their mean over prompts, normalised (0 = corrupted, 1 = clean) by default.
+
+Speed (``benchmarks/patching_speed.py``): the engine's work is the part of each patched run that
+can differ from the corrupted run, so the gain over one full forward per patch is largest for
+patches local to a position (z, q, pattern, residual writes), for late layers and positions, and
+for prompt pairs that share a prefix; an all-position head sweep needs about half a forward per
+layer-0 patch plus the clean and corrupted runs, a few times less than TransformerLens, not more.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from toylens.analyze.pairs import PromptPairs
 from toylens.analyze.patching_engine import KINDS, Context, Kind, PatchingError, n_heads_for, run_sweep
 from toylens.analyze.result import Result
 
-__all__ = ["KINDS", "EVERY", "PatchingError", "PatchingResult", "patch", "patching_context", "scatter"]
+__all__ = ["ALL_KINDS", "EVERY", "KINDS", "PatchingError", "PatchingResult", "patch", "patch_attn_out",
+           "patch_block_every", "patch_head_all_pos_every", "patch_head_by_pos_every", "patch_mlp_out",
+           "patch_resid_mid", "patch_resid_post", "patch_resid_pre", "patching_context", "scatter", "value_at"]
 
 EVERY: dict[str, tuple[str, ...]] = {
     "block_every": ("resid_pre", "attn_out", "mlp_out"),

@@ -29,7 +29,6 @@ blocks with a patching hook (full positions, from the patched layer).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -325,7 +324,7 @@ def run_sweep(ctx: Context, kind: Kind, budget_bytes: int, progress: bool = True
             return pi, ctx.metric_rows(resid, rows) - ctx.corr_rows[rows]
 
     threaded = workers > 1 and ctx.fast and len(chunks) > 1 and p0.device.type == "cpu"
-    with tqdm(total=len(chunks), desc=f"patching {kind.name}", disable=not progress) as bar, keep_freed_memory():
+    with tqdm(total=len(chunks), desc=f"patching {kind.name}", disable=not progress) as bar:
         with torch_threads(1) if threaded else contextlib.nullcontext():
             pool = ThreadPoolExecutor(workers, thread_name_prefix="patching") if threaded else None
             try:
@@ -350,32 +349,3 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-# --- memory ---------------------------------------------------------------------------------------
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-@contextlib.contextmanager
-def keep_freed_memory() -> Iterator[None]:
-    """While active, glibc keeps freed chunk-sized blocks for reuse instead of returning them.
-
-    Every chunk allocates and frees tensors of the same few sizes. glibc hands blocks above its
-    mmap threshold, and heap tops above its trim threshold, back to the kernel, so each reuse
-    page-faults them in afresh (measured: a third of a chunk's time on the 2-core VM). Inside,
-    blocks up to 32 MiB come from the heap and the heap is not trimmed; on exit the trim threshold
-    is 64 MiB and free memory is trimmed. No-op where glibc's ``mallopt`` is not available.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc: leave malloc alone
-        yield
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        malloc_trim(0)
