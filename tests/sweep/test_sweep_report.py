@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def _browser():
 
 def test_page_renders_in_chromium(report, tmp_path):
     b = _browser()
-    if not b.CHROMIUM.exists():
+    if not b.CHROMIUM.exists() and not os.environ.get("CI"):  # under CI a missing browser fails
         pytest.skip(f"{b.CHROMIUM} is not installed (the Makefile/CI installs it)")
     index, data = report
     dom, console = b.chromium(index, tmp_path / "profile")

@@ -23,6 +23,13 @@ from toylens.analyze.report import register_configs
 from toylens.train.config import ConfigError
 
 
+def _fail_or_raise(e: Exception, code: int, multirun: bool) -> None:
+    """A single run exits with one line and ``code``; in a multirun Hydra marks the job failed."""
+    if multirun:
+        raise e
+    _fail(str(e), code)
+
+
 def _fail(msg: str, code: int) -> None:
     print(f"toylens-analyze: error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -47,21 +54,15 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
         run = load_run(cfg.run)
         run.check_step(cfg.step)
     except (ConfigError, RunError) as e:
-        if multirun:
-            raise
-        _fail(str(e), 2)
+        _fail_or_raise(e, 2, multirun)
     from toylens.analyze.folding import FoldCheckError  # TransformerLens: seconds, so only past the input checks
 
     try:
         index = make_report(run, cfg)
     except (ConfigError, RunError) as e:  # e.g. device=cuda without CUDA, model_config.json unusable
-        if multirun:
-            raise
-        _fail(str(e), 2)
+        _fail_or_raise(e, 2, multirun)
     except (CheckpointError, FoldCheckError) as e:  # unreadable or tampered checkpoint files
-        if multirun:
-            raise
-        _fail(str(e), 1)
+        _fail_or_raise(e, 1, multirun)
     print(f"toylens-analyze: report of {run.name} (step {run.check_step(cfg.step)}):", file=sys.stderr)
     print(index)
     return str(index)
@@ -76,9 +77,7 @@ def _pretrained(cfg, multirun: bool) -> str:
     try:
         index = make_pretrained_report(cfg)
     except (PretrainedError, PromptError, ConfigError) as e:
-        if multirun:
-            raise
-        _fail(str(e), 2)
+        _fail_or_raise(e, 2, multirun)
     print(f"toylens-analyze: report of {cfg.model.name}:", file=sys.stderr)
     print(index)
     return str(index)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
+from toylens.analyze.ablation_plan import torch_threads
 from toylens.analyze.metrics import METRICS, READS_ONLY_ANSWERS, Metric, MetricError
 from toylens.analyze.pairs import PAD, PromptPairs
 from toylens.analyze.patching_blocks import FastBlocks, supported
@@ -338,14 +339,3 @@ def run_sweep(ctx: Context, kind: Kind, budget_bytes: int, progress: bool = True
     if only is not None:
         mean[~torch.isin(torch.arange(len(mean), device=mean.device), only.to(mean.device))] = float("nan")
     return mean.float().reshape(patches.shape)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Set torch's intra-op threads for the duration (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

@@ -263,17 +263,22 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     ctx.data["highlights"] = rs.highlights(ctx.data)
     report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
                     sections=sections, ablation=ctx.ablation)
+    index_figures(report)
+    return report
+
+
+def index_figures(report: Report) -> None:
+    """Give every figure a unique page id and list figures and sections in ``report.data``."""
     used: set[str] = set()
     figures = []
-    for section in sections:
+    for section in report.sections:
         for block in section.blocks:
             if isinstance(block, Figure):
                 block.id = _unique_id("fig-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
                 figures.append({"id": block.id, "name": block.name, "section": section.id,
                                 "title": _title(block.fig)})
-    ctx.data["figures"] = figures
-    ctx.data["sections"] = [{"id": s.id, "title": s.title} for s in sections]
-    return report
+    report.data["figures"] = figures
+    report.data["sections"] = [{"id": s.id, "title": s.title} for s in report.sections]
 
 
 def _unique_id(base: str, used: set[str]) -> str:

@@ -31,7 +31,7 @@ def pairs_for(ctx):
         pairs = pairs_from_prompts(ctx.model, p.clean, p.corrupted, p.answers, p.wrong_answers or None)
     elif ctx.run is None:
         pairs = "no prompts: give pairs.clean, pairs.corrupted, pairs.answers and pairs.wrong_answers"
-    elif getattr(type(ctx.run.task), "corrupt", None) is None or not _has_corrupt(ctx.run.task):
+    elif not _has_corrupt(ctx.run.task):
         pairs = (f"the {ctx.run.task.name} task has no corrupt(): give prompt pairs with pairs.clean=[...] "
                  f"pairs.corrupted=[...] pairs.answers=[...] pairs.wrong_answers=[...]")
     else:
@@ -46,8 +46,11 @@ def _has_corrupt(task) -> bool:
     return type(task).corrupt is not Task.corrupt
 
 
-def _pairs_note(pairs) -> list:
-    return [Note(f"Skipped: {pairs}.", "warn")]
+def _skipped(ctx, section: Section, why: str, kind: str = "warn") -> Section:
+    """The section says why it did not run, and report.json records it under the section's id."""
+    section.blocks.append(Note(f"Skipped: {why}.", kind))
+    ctx.data[section.id] = {"skipped": why}
+    return section
 
 
 def _pairs_table(pairs) -> Table:
@@ -70,9 +73,7 @@ def patching(ctx) -> Section:
         "the linear picture can be trusted."))
     pairs = pairs_for(ctx)
     if isinstance(pairs, str):
-        section.blocks += _pairs_note(pairs)
-        ctx.data["patching"] = {"skipped": pairs}
-        return section
+        return _skipped(ctx, section, pairs)
     section.blocks.append(_pairs_table(pairs))
     context = patching_context(ctx.model, pairs, cfg.metric)
     kinds = [k for k in cfg.kinds if not (ctx.model.cfg.attn_only and k in ("resid_mid", "mlp_out"))]
@@ -117,9 +118,7 @@ def tracing(ctx) -> Section:
         "Cells that bring the answer's probability back hold the information the answer needs."))
     pairs = pairs_for(ctx)
     if isinstance(pairs, str):
-        section.blocks += _pairs_note(pairs)
-        ctx.data["tracing"] = {"skipped": pairs}
-        return section
+        return _skipped(ctx, section, pairs)
     n = min(cfg.prompts, pairs.batch_size)
     tokens, answer_pos = pairs.clean[:n], pairs.answer_pos[:n]
     if cfg.noise:
@@ -150,10 +149,8 @@ def task_vectors(ctx) -> Section:
         "answer follow the vector, not the demos."))
     task = None if ctx.run is None else ctx.run.task
     if task is None or task.name != "icl":
-        why = "task vectors need a run of the icl task (e.g. toylens-train experiment=icl_task_vectors)"
-        section.blocks.append(Note(f"Skipped: {why}.", "info"))
-        ctx.data["task_vectors"] = {"skipped": why}
-        return section
+        return _skipped(ctx, section, "task vectors need a run of the icl task (e.g. toylens-train "
+                                      "experiment=icl_task_vectors)", "info")
     res = compute(ctx.model, task, n=ctx.cfg.task_vectors.n, seed=ctx.cfg.task_vectors.seed,
                   progress=ctx.cfg.progress)
     d = jsonable(res.to_dict())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from toylens.analyze.report import INTERVENTIONS, AnalyzeConfig, Figure, Note, Report, Section, Table, _unique_id
+from toylens.analyze.report import INTERVENTIONS, AnalyzeConfig, Note, Report, Section, Table, index_figures
 from toylens.analyze.result import jsonable
 from toylens.train.config import resolve_device
 
@@ -62,16 +62,7 @@ def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Re
             sections.append(getattr(ri, name)(ctx))
     ctx.data["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     report = Report(title=f"toylens report: {m.name}", run_name=m.name, data=ctx.data, sections=sections)
-    used: set[str] = set()
-    figures = []
-    for section in sections:
-        for block in section.blocks:
-            if isinstance(block, Figure):
-                block.id = _unique_id("fig-" + "".join(ch if ch.isalnum() else "-" for ch in block.name), used)
-                figures.append({"id": block.id, "name": block.name, "section": section.id,
-                                "title": block.fig.layout.title.text or ""})
-    ctx.data["figures"] = figures
-    ctx.data["sections"] = [{"id": s.id, "title": s.title} for s in sections]
+    index_figures(report)
     return report
 
 

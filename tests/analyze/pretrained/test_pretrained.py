@@ -149,11 +149,7 @@ def test_model_group_composes_beside_the_training_models(tmp_path):
 
 
 def test_analyze_yaml_takes_model_pretrained():
-    """Once configs/analyze.yaml lists ``- model: run`` and AnalyzeConfig has ``model`` (see the helper's report)."""
-    from toylens.analyze.report import AnalyzeConfig
-
-    if "model" not in AnalyzeConfig.__dataclass_fields__:
-        pytest.skip("AnalyzeConfig has no model field yet")
+    """configs/analyze.yaml's ``- model: run`` default takes ``model=pretrained`` with name and path."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
