@@ -4,6 +4,7 @@ that writing is atomic. The browser-side checks are in test_report_browser.py.""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import re
@@ -319,3 +320,30 @@ def test_intervention_sections_equal_direct_calls(written):
     for kind, v in tr.values.items():
         assert torch.allclose(torch.tensor(data["tracing"]["values"][kind]), v.float(), atol=1e-6), kind
     assert "icl" in data["task_vectors"]["skipped"] and "Skipped: task vectors need" in page
+
+
+def test_task_vector_section_equals_direct_calls(tmp_path, tiny_run):
+    """On an icl run the section holds both sites' results, each equal to ``task_vectors`` called
+    directly, and the overall best of the two."""
+    from toylens.analyze.task_vectors import SITES, task_vectors
+    from toylens.data import TASKS
+
+    task = TASKS["icl"].config_cls(n_symbols=6, group_size=1, rule="shift", ks=[1, 3], n_demos=2, fillers=2)
+    run_dir = tiny_run(tmp_path / "icl", task=task, **{"model.positional_embedding_type": "rotary"})
+    run = load_run(run_dir)
+    cfg = small_config(run_dir, analyses=["task_vectors"])
+    cfg.task_vectors.n = 12
+    report = build_report(run, cfg)
+    index = write_report(report, tmp_path / "report")
+    data = json.loads((index.parent / "report.json").read_text())["task_vectors"]
+    page = index.read_text()
+    for site in SITES:
+        direct = task_vectors(run.model(), run.task, site=site, n=12, seed=cfg.task_vectors.seed, progress=False)
+        assert torch.allclose(torch.tensor(data[site]["accuracy"]), direct.accuracy, atol=1e-6)
+        assert data[site]["zero_shot_baseline"] == pytest.approx(direct.zero_shot_baseline.tolist())
+        best = direct.best()
+        assert data[site]["best"]["site"] == site and data[site]["best"]["hook"] == best["hook"]
+        for key in ("accuracy", "zero_shot_baseline", "demo_baseline", "swap_follows_vector"):
+            assert data[site]["best"][key] == pytest.approx(best[key], abs=1e-6), key
+        assert html.escape(f"At the {SITES[site]}, best point {best['hook']}") in page
+    assert data["best"] == max((data[s]["best"] for s in SITES), key=lambda b: b["accuracy"])

@@ -29,11 +29,16 @@ def tiny_model(task, pos="standard", n_layers=2):
     return make_model(hooked_config(mc, d_vocab=task.d_vocab, n_ctx=task.seq_len, seed=0), pos).eval()
 
 
-def naive_patch(model, tokens, pos, point, vector):
-    """Logits at ``pos`` with ``vector`` ([d_model] or [batch, d_model]) written at (point, pos)."""
+def naive_patch(model, tokens, pos, point, vector, mask=None):
+    """Logits at ``pos`` with ``vector`` ([d_model] or [batch, d_model]) written at (point, pos), or at
+    every position ``mask`` ([batch, pos] bool) marks."""
     def put(act, hook):
         act = act.clone()
-        act[:, pos] = vector
+        if mask is None:
+            act[:, pos] = vector
+        else:
+            for row, at in mask.nonzero().tolist():
+                act[row, at] = vector if vector.ndim == 1 else vector[row]
         return act
     return model.run_with_hooks(tokens, fwd_hooks=[(point, put)])[:, pos]
 
@@ -57,6 +62,14 @@ def test_patched_logits_equal_naive_loop(pos):
     for i, point in enumerate(points[1:3]):
         ref = naive_patch(model, tokens, arrow, point, per_row[i, 1])
         torch.testing.assert_close(got[i, 1], ref, atol=1e-5, rtol=0)
+    # several positions per row (every ';'), one vector per row
+    where = task.separators(tokens)
+    assert int(where.sum()) == 2 * 10
+    got = patched_logits(model, tokens, arrow, per_row, points[1:3], where=where, chunk_rows=3)
+    for i, point in enumerate(points[1:3]):
+        for v in range(2):
+            ref = naive_patch(model, tokens, arrow, point, per_row[i, v], where)
+            torch.testing.assert_close(got[i, v], ref, atol=1e-5, rtol=0)
 
 
 def naive_answer(task, group, k):
@@ -66,55 +79,73 @@ def naive_answer(task, group, k):
     return group[:, k]
 
 
-def naive_task_vectors(model, task, n, seed):
+def naive_task_vectors(model, task, n, seed, site):
     """The whole analysis as plain loops: run_with_cache for the vectors, run_with_hooks per patch."""
-    g = task.cfg.group_size
+    g, bos, semi, arrow_tok = task.cfg.group_size, task.BOS, task.SEMI, task.ARROW
     gen = torch.Generator().manual_seed(seed)
-    arrow, arrow0 = task.arrow_position(), task.arrow_position(0)
+    arrow = task.arrow_position()
     demos = [task.sample_rule(n, gen, k).tokens for k in task.ks]
-    queries = task.sample_rule(n, gen, task.ks[0], n_demos=0).tokens
+    zero = task.sample_rule(n, gen, task.ks[0], n_demos=0).tokens
+    q_group = zero[:, -2 - g:-2]  # [BOS, fillers.., x_1..x_g, ->, y]
+    queries = torch.tensor([[bos, semi, *row, arrow_tok] for row in q_group.tolist()])
+    arrow0 = g + 2
+
+    def sites(tokens):  # [batch, pos] bool: where the vector goes
+        mask = torch.zeros(tokens.shape, dtype=torch.bool)
+        for row in range(len(tokens)):
+            if tokens.shape[1] == queries.shape[1]:
+                mask[row, arrow0 if site == "arrow" else 1] = True
+            elif site == "arrow":
+                mask[row, arrow] = True
+            else:
+                mask[row, [i for i in range(arrow) if tokens[row, i] == semi]] = True
+        return mask
+
     points = resid_points(model)
     theta, demo_acc = {}, []
     for k, tokens in zip(task.ks, demos, strict=True):
         logits, cache = model.run_with_cache(tokens)
         demo_acc.append((logits[:, arrow].argmax(-1) == tokens[:, arrow + 1]).float().mean())
+        src = [arrow if site == "arrow" else max(i for i in range(arrow) if row[i] == semi) for row in tokens]
         for p in points:
-            theta[p, k] = cache[p][:, arrow].mean(0)
+            theta[p, k] = torch.stack([cache[p][row, at] for row, at in enumerate(src)]).mean(0)
     plain = model(queries)[:, arrow0].argmax(-1)
-    q_group = queries[:, 1:g + 1]
     zero_shot = torch.stack([(plain == naive_answer(task, q_group, k)).float().mean() for k in task.ks])
     acc = torch.zeros(len(points), len(task.ks))
     follows = torch.full((2, len(points), len(task.ks), len(task.ks)), float("nan"))
     for i, p in enumerate(points):
         for j, k in enumerate(task.ks):
-            pred = naive_patch(model, queries, arrow0, p, theta[p, k]).argmax(-1)
+            pred = naive_patch(model, queries, arrow0, p, theta[p, k], sites(queries)).argmax(-1)
             acc[i, j] = (pred == naive_answer(task, q_group, k)).float().mean()
             for jj, kk in enumerate(task.ks):
                 if kk == k:
                     continue
-                pred = naive_patch(model, demos[j], arrow, p, theta[p, kk]).argmax(-1)
+                pred = naive_patch(model, demos[j], arrow, p, theta[p, kk], sites(demos[j])).argmax(-1)
                 group = demos[j][:, arrow - g:arrow]
                 follows[0, i, j, jj] = (pred == naive_answer(task, group, kk)).float().mean()
                 follows[1, i, j, jj] = (pred == naive_answer(task, group, k)).float().mean()
     return acc, zero_shot, torch.stack(demo_acc), follows
 
 
-@pytest.mark.parametrize("pos,ks,rule", [("standard", [0, 1, 2], "pick"), ("none", [0, 2], "pick"),
-                                         ("rotary", [1, 4, 6], "shift")])
+@pytest.mark.parametrize("pos,ks,rule,site,fillers", [
+    ("standard", [0, 1, 2], "pick", "separator", 0), ("standard", [0, 2], "pick", "arrow", 2),
+    ("rotary", [1, 4, 6], "shift", "arrow", 3), ("rotary", [1, 4, 6], "shift", "separator", 3)])
 @torch.no_grad()
-def test_task_vectors_equal_naive_loops(pos, ks, rule):
-    task = icl_task(ks=ks) if rule == "pick" else icl_task(ks=ks, rule=rule, group_size=1)
+def test_task_vectors_equal_naive_loops(pos, ks, rule, site, fillers):
+    kw = dict(ks=ks, fillers=fillers) if rule == "pick" else dict(ks=ks, rule=rule, group_size=1, fillers=fillers)
+    task = icl_task(**kw)
     model = tiny_model(task, pos)
-    res = task_vectors(model, task, n=24, seed=3, chunk_rows=16, progress=False)
-    acc, zero_shot, demo, follows = naive_task_vectors(model, task, 24, 3)
-    assert res.hooks == resid_points(model) and res.ks == ks
+    res = task_vectors(model, task, site=site, n=24, seed=3, chunk_rows=16, progress=False)
+    acc, zero_shot, demo, follows = naive_task_vectors(model, task, 24, 3, site)
+    assert res.site == site and res.hooks == resid_points(model) and res.ks == ks
     torch.testing.assert_close(res.accuracy, acc)
     torch.testing.assert_close(res.accuracy_mean, acc.mean(1))
     torch.testing.assert_close(res.zero_shot_baseline, zero_shot)
     torch.testing.assert_close(res.demo_baseline, demo)
     torch.testing.assert_close(res.swap_follows_vector, follows[0], equal_nan=True)
     torch.testing.assert_close(res.swap_follows_demos, follows[1], equal_nan=True)
-    assert res.accuracy.max() > 0  # some prediction is scored right: the comparison is not all zeros
+    scored = torch.cat([acc.flatten(), zero_shot, follows.nan_to_num().flatten()])
+    assert scored.max() > 0  # some prediction is scored right: the comparison is not all zeros
 
 
 @torch.no_grad()
@@ -133,6 +164,12 @@ def test_invariants():
     # the vector at block 0's input is the arrow's embedding at the demos' arrow position, for every rule
     theta0 = model.W_E[task.ARROW] + model.W_pos[task.arrow_position()]
     torch.testing.assert_close(res.vectors[0], theta0.expand(3, -1), atol=1e-6, rtol=0)
+    # at the separator site it is the last ';' embedding (at its position), and the zero-shot prompts
+    # [BOS, ;, x.., ->] hold a ';' at position 1 where it goes
+    sep = task_vectors(model, task, site="separator", n=16, seed=0, progress=False)
+    theta0 = model.W_E[task.SEMI] + model.W_pos[task.arrow_position() - task.cfg.group_size - 1]
+    torch.testing.assert_close(sep.vectors[0], theta0.expand(3, -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sep.demo_baseline, res.demo_baseline)  # the same demo prompts
     # at the last block's output every query predicts what the vector itself unembeds to
     last = patched_logits(model, queries, arrow0, res.vectors[-1:], points[-1:])[0]  # [k, batch, d_vocab]
     direct = model.unembed(model.ln_final(res.vectors[-1][:, None]))[:, 0]  # [k, d_vocab]
@@ -161,9 +198,10 @@ def test_result_dict_and_figures():
     assert best["zero_shot_baseline"] == pytest.approx(res.zero_shot_baseline.mean().item())
     assert d["swap_follows_vector"][0][0][0] is None and len(d["swap_follows_vector_mean"]) == 3
     figs = res.figures()
-    assert set(figs) == {"task_vectors/accuracy", "task_vectors/swap", "task_vectors/swap_best"}
-    assert list(figs["task_vectors/accuracy"].data[0].y) == pytest.approx(res.accuracy_mean.tolist())
-    assert list(figs["task_vectors/accuracy"].data[1].y) == pytest.approx([res.zero_shot_baseline.mean().item()] * 3)
+    assert set(figs) == {"task_vectors/arrow/accuracy", "task_vectors/arrow/swap", "task_vectors/arrow/swap_best"}
+    assert list(figs["task_vectors/arrow/accuracy"].data[0].y) == pytest.approx(res.accuracy_mean.tolist())
+    assert list(figs["task_vectors/arrow/accuracy"].data[1].y) == pytest.approx(
+        [res.zero_shot_baseline.mean().item()] * 3)
 
 
 def test_bad_input_names_the_argument():
@@ -171,6 +209,8 @@ def test_bad_input_names_the_argument():
     model = tiny_model(task)
     with pytest.raises(TaskVectorError, match="task"):
         task_vectors(model, TASKS["prev_token"](TASKS["prev_token"].config_cls(d_vocab=20, seq_len=12)))
+    with pytest.raises(TaskVectorError, match="site='query'"):
+        task_vectors(model, task, site="query")
     with pytest.raises(TaskVectorError, match="layers"):
         task_vectors(model, task, layers=[7])
     with pytest.raises(TaskVectorError, match="n_demos"):

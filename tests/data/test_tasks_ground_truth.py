@@ -235,3 +235,42 @@ def test_icl_symbols_are_uniform_at_every_group_position():
     for i in range(task.cfg.group_size):  # 5000 draws per position, 500 expected per symbol
         counts = torch.bincount(b.tokens[:, 1 + i :: width].flatten() - 3, minlength=10)
         assert counts.numel() == 10 and int(counts.min()) > 400 and int(counts.max()) < 600, counts
+
+
+def test_icl_fillers_scatter_between_groups():
+    """``fillers: F``: each row is the no-filler layout with F "_" tokens inserted in the gaps before
+    groups, the final "->" fixed, every gap used, and corrupt/rule_of/query_group see through them."""
+    g, n_demos, fillers = 2, 3, 4
+    task = task_of("icl", n_symbols=7, group_size=g, n_demos=n_demos, ks=[0, 1], fillers=fillers)
+    plain = task_of("icl", n_symbols=7, group_size=g, n_demos=n_demos, ks=[0, 1])
+    assert task.d_vocab == plain.d_vocab + 1 and task.token_names == [*plain.token_names, "_"]
+    assert task.seq_len == plain.seq_len + fillers
+    b = task.sample(N, torch.Generator().manual_seed(0))
+    names = task.token_names
+    per_gap = Counter()
+    for toks, tgts, masked in rows_of(task):
+        assert toks.count("_") == fillers and len(toks) == task.seq_len
+        assert masked[-1] == task.arrow_position() == len(toks) - 2 and toks[-2] == "->"
+        assert_next_token_targets(toks, tgts, masked)
+        squeezed = [t for t in toks if t != "_"]
+        groups = icl_groups(squeezed, g)  # the no-filler layout underneath
+        k = groups[0][0].index(groups[0][1])
+        assert all(answer == group[k] for group, answer in groups)
+        for i, t in enumerate(toks):  # a filler follows BOS, ";" or another filler, and precedes a group
+            if t == "_":
+                assert toks[i - 1] in ("BOS", ";", "_") and toks[i + 1] not in ("->", ";")
+                per_gap[sum(1 for u in toks[:i] if u == ";")] += 1
+    assert set(per_gap) == set(range(n_demos + 1))  # every gap, the one before the query included
+    k = task.rule_of(b)
+    q = task.query_group(b.tokens)
+    assert (b.tokens[:, -1] == task.answer(q, k)).all()
+    c = task.corrupt(b, torch.Generator().manual_seed(1))
+    assert ((c.tokens == task.filler) == (b.tokens == task.filler)).all()  # fillers stay put
+    assert (task.rule_of(c) != k).all() and (c.tokens[:, -1] == task.answer(q, task.rule_of(c))).all()
+    changed = (c.tokens != b.tokens).nonzero()[:, 1]
+    assert set(changed.tolist()) <= set((b.tokens == task.ARROW).nonzero()[:, 1].add(1).tolist())
+    assert [names[t] for t in task.zero_shot(q[:2])[0]] == ["BOS", ";", *[names[t] for t in q[0]], "->"]
+    with pytest.raises(ValueError, match="not an icl layout"):
+        task.corrupt(plain.sample(4, torch.Generator()), torch.Generator())
+    with pytest.raises(ValueError, match="task.fillers=-1"):
+        task_of("icl", fillers=-1)

@@ -140,26 +140,33 @@ def tracing(ctx) -> Section:
 
 # --- task vectors ----------------------------------------------------------------------------------
 def task_vectors(ctx) -> Section:
+    from toylens.analyze.task_vectors import SITES
     from toylens.analyze.task_vectors import task_vectors as compute
 
     section = Section("task_vectors", "Task vectors (in-context rules)", (
-        "The residual stream at the final '->' of prompts with demonstrations, averaged over prompts, is the "
-        "candidate task vector θ_k of rule k. Patched into the same position of zero-shot queries (no demos), "
-        "it should make the model answer by rule k; swapping in the vector of another rule should make the "
-        "answer follow the vector, not the demos."))
+        "The residual stream of prompts with demonstrations, averaged over prompts, is the candidate task "
+        "vector θ_k of rule k, taken at two sites: the final '->' (where the answer is predicted) and the last "
+        "';' (the end of the demos, which cannot see the query). Written into the same site of zero-shot "
+        "queries '[BOS, ;, x, ->]', it should make the model answer by rule k; swapping in the vector of another "
+        "rule should make the answer follow the vector, not the demos."))
     task = None if ctx.run is None else ctx.run.task
     if task is None or task.name != "icl":
         return _skipped(ctx, section, "task vectors need a run of the icl task (e.g. toylens-train "
                                       "experiment=icl_task_vectors)", "info")
-    res = compute(ctx.model, task, n=ctx.cfg.task_vectors.n, seed=ctx.cfg.task_vectors.seed,
-                  progress=ctx.cfg.progress)
-    d = jsonable(res.to_dict())
+    results = {site: compute(ctx.model, task, site=site, n=ctx.cfg.task_vectors.n, seed=ctx.cfg.task_vectors.seed,
+                             progress=ctx.cfg.progress) for site in SITES}
+    d = {site: jsonable(res.to_dict()) for site, res in results.items()}
+    best = max((r.best() for r in results.values()), key=lambda b: b["accuracy"])
+    d["best"] = jsonable(best)
     ctx.data["task_vectors"] = d
-    b = d["best"]
-    kind = "pass" if b["accuracy"] > b["zero_shot_baseline"] + 0.1 else "warn"
-    section.blocks.append(Note(
-        f"Best point {b['hook']}: zero-shot accuracy with the task vector {b['accuracy']:.3f}, against "
-        f"{b['zero_shot_baseline']:.3f} without demos and {b['demo_baseline']:.3f} with {res.n_demos} demos; "
-        f"swapped vectors: {b['swap_follows_vector']:.3f} of answers follow the vector's rule.", kind))
-    section.blocks += [Figure(name, _style(fig)) for name, fig in res.figures().items()]
+    for site, res in results.items():
+        b = res.best()
+        kind = "pass" if b["accuracy"] > b["zero_shot_baseline"] + 0.1 else "warn"
+        section.blocks.append(Note(
+            f"At the {SITES[site]}, best point {b['hook']}: zero-shot accuracy with the task vector "
+            f"{b['accuracy']:.3f}, against {b['zero_shot_baseline']:.3f} without demos and {b['demo_baseline']:.3f} "
+            f"with {res.n_demos} demos; swapped vectors: {b['swap_follows_vector']:.3f} of answers follow the "
+            f"vector's rule, {b['swap_follows_demos']:.3f} the demos'.", kind))
+    for res in results.values():
+        section.blocks += [Figure(name, _style(fig)) for name, fig in res.figures().items()]
     return section

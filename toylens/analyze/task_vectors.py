@@ -1,26 +1,33 @@
 """In-context-learning task vectors (seed 000; Hendel et al. 2023) on the ``icl`` task.
 
-    result = task_vectors(model, run.task)
+    result = task_vectors(model, run.task, site="separator")
     result.accuracy_mean      # [point]: zero-shot accuracy with the demos' vector patched in
     result.best()             # the residual-stream point that recovers the most, and its accuracy
 
 For each rule ``k`` of the task, ``n`` demonstration prompts (``sample_rule`` with the config's
-``n_demos``) give the task vector ``theta_k(point)``: the residual stream at the final ``->``
-(``arrow_position``), mean over the prompts, at every point ``blocks.{l}.hook_resid_pre`` and the
-last ``blocks.{L-1}.hook_resid_post``. Zero-shot queries ``[BOS, x_1..x_g, ->]`` get ``theta_k``
-written over their own residual stream at their ``->``; the prediction there is right for rule
-``k`` when it is ``task.answer(x, k)`` (``x_{k+1}``; ``x + k`` for ``rule: shift``). Baselines: the
-same queries without a vector (no demos) and the demo prompts themselves (full demos). The swap
-experiment patches ``theta_k'`` into demo prompts of rule ``k`` and counts the answers that follow
-``k'`` (the vector) and those that follow ``k`` (the demos).
+``n_demos``) give the task vector ``theta_k(point)``: the residual stream at the ``site``, mean over
+the prompts, at every point ``blocks.{l}.hook_resid_pre`` and the last ``blocks.{L-1}.hook_resid_post``.
+Zero-shot queries ``[BOS, ;, x_1..x_g, ->]`` (``task.zero_shot``: the query as it follows the demos,
+the demos gone) get ``theta_k`` written over their own residual stream at the site; the prediction
+at their ``->`` is right for rule ``k`` when it is ``task.answer(x, k)`` (``x_{k+1}``; ``x + k`` for
+``rule: shift``). Baselines: the same queries without a vector (no demos) and the demo prompts
+themselves (full demos). The swap experiment writes ``theta_k'`` into demo prompts of rule ``k`` at
+the site and counts the answers that follow ``k'`` (the vector) and those that follow ``k`` (the demos).
 
-Reading the result: a model may solve ``icl`` without routing the rule through the ``->`` (e.g. by
-marking the answer symbol at its own position, which the ``->`` then reads in the last layer); the
-swap then follows the demos and recovery stays at the no-demo baseline, at every point. Also with
-``rule: shift`` (the answer a function of the query symbol): a small model that copies the query
-symbol into the ``->`` in block 0 and never reads it again loses it to any patch after block 0. With
-learned absolute positions (``standard``) the vector also carries the demos' ``->`` position,
-which is not the zero-shot ``->``'s; rotary models have no such confound.
+Two sites:
+
+* ``arrow``: the final ``->``, where the answer is predicted (Hendel et al.'s choice in LLMs).
+* ``separator``: the last ``;`` before the query (the end of the demos; it cannot see the query).
+  In the swap every ``;`` of the demo prompt gets the vector.
+
+Why two: a toy model reads the query symbol into the final ``->`` in block 0 (it is the previous
+token), so any state of the ``->`` after block 0 holds the query, and a mean over prompts erases it;
+the ``arrow`` site then stays at the no-demo baseline however the rule is represented. Models trained
+with ``fillers`` (demos at varying distances, so the last demo cannot be read at a fixed offset)
+instead compute each demo's rule at its closing ``;`` from the two tokens before it, and the ``->``
+reads the rule from there: the ``separator`` site carries a task vector that recovers the rule
+(``experiment=icl_task_vectors``). With learned absolute positions (``standard``) a vector also
+carries the demos' position, which is not the zero-shot prompt's; rotary models have no such confound.
 
 Each patched run resumes from the cached residual stream at the patched point
 (``forward(start_at_layer=l)``) with every rule's vector stacked along the batch, and unembeds
@@ -32,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -41,6 +48,9 @@ from toylens.analyze import plots
 from toylens.analyze.result import Result
 from toylens.analyze.run import ANALYSIS_SEED
 from toylens.data.tasks.icl import ICL
+
+
+SITES = {"arrow": "final '->'", "separator": "last ';'"}
 
 
 class TaskVectorError(ValueError):
@@ -68,26 +78,34 @@ def _logits_at(model: HookedTransformer, resid: Tensor, pos: int) -> Tensor:
 
 
 @torch.no_grad()
-def resid_at(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pos: int, points: list[str],
-             chunk_rows: int = 512) -> tuple[Float[Tensor, "point batch d_model"], Float[Tensor, "batch d_vocab"]]:
-    """The residual stream at ``pos`` at every point, and the logits there (unpatched)."""
-    tokens, n_layers = tokens[:, :pos + 1], model.cfg.n_layers
+def resid_at(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pos: int | Int[Tensor, " batch"],
+             points: list[str], read_pos: int | None = None, chunk_rows: int = 512,
+             ) -> tuple[Float[Tensor, "point batch d_model"], Float[Tensor, "batch d_vocab"]]:
+    """The residual stream at ``pos`` (one position, or one per row) at every point, and the
+    (unpatched) logits at ``read_pos`` (``pos`` when None)."""
+    read = int(pos) if read_pos is None else read_pos
+    tokens, n_layers = tokens[:, :read + 1], model.cfg.n_layers
+    at = torch.as_tensor(pos, device=tokens.device).expand(tokens.shape[0])
     grabbed, logits = [], []
     for lo in range(0, tokens.shape[0], chunk_rows):
         store: dict[str, Tensor] = {}
-        hooks = [(p, lambda act, hook, s=store: s.__setitem__(hook.name, act[:, pos].clone())) for p in points]
+        rows = torch.arange(min(chunk_rows, tokens.shape[0] - lo), device=tokens.device)
+        here = at[lo:lo + chunk_rows]
+        hooks = [(p, lambda act, hook, s=store: s.__setitem__(hook.name, act[rows, here].clone())) for p in points]
         with model.hooks(fwd_hooks=hooks):
             final = model(tokens[lo:lo + chunk_rows], stop_at_layer=n_layers)
         grabbed.append(torch.stack([store[p] for p in points]))
-        logits.append(_logits_at(model, final, pos))
+        logits.append(_logits_at(model, final, read))
     return torch.cat(grabbed, dim=1), torch.cat(logits)
 
 
 @torch.no_grad()
 def patched_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pos: int,
                    vectors: Float[Tensor, "point variant *batch d_model"], points: list[str], *,
-                   chunk_rows: int = 512, progress: bool = False) -> Float[Tensor, "point variant batch d_vocab"]:
-    """Logits at ``pos`` with the residual stream at ``(points[i], pos)`` replaced by ``vectors[i, v]``.
+                   where: Bool[Tensor, "batch pos"] | None = None, chunk_rows: int = 512,
+                   progress: bool = False) -> Float[Tensor, "point variant batch d_vocab"]:
+    """Logits at ``pos`` with the residual stream at ``points[i]`` replaced by ``vectors[i, v]``, at
+    ``pos`` or, with ``where``, at every position a row marks (each gets the same vector).
 
     ``vectors[i, v]`` is one ``[d_model]`` vector for every row, or ``[batch, d_model]`` (one per row).
     Positions after ``pos`` are never run (causal); each point resumes from the cached residual stream.
@@ -105,9 +123,14 @@ def patched_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], p
             hooks = [(p, lambda act, hook, s=store: s.__setitem__(hook.name, act)) for p in points]
             with model.hooks(fwd_hooks=hooks):
                 model(tokens[lo:hi], stop_at_layer=n_layers)
+            marked = None if where is None else where[lo:hi, :pos + 1].to(tokens.device).repeat(n_var, 1)
             for i, point in enumerate(points):
                 x = store[point].repeat(n_var, 1, 1)  # variant v: rows v * c .. (v + 1) * c
-                x[:, pos] = vectors[i, :, lo:hi].reshape(-1, x.shape[-1]).to(x.dtype)
+                v = vectors[i, :, lo:hi].reshape(-1, x.shape[-1]).to(x.dtype)
+                if marked is None:
+                    x[:, pos] = v
+                else:
+                    x = torch.where(marked[..., None], v[:, None], x)
                 start = _start_layer(point, n_layers)
                 if start < n_layers:
                     x = model(x, start_at_layer=start, stop_at_layer=n_layers)
@@ -118,7 +141,7 @@ def patched_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], p
 
 @dataclass
 class TaskVectorResult(Result):
-    """Task-vector accuracies per residual-stream point (``hooks``) and rule (``ks``).
+    """Task-vector accuracies per residual-stream point (``hooks``) and rule (``ks``), at one ``site``.
 
     ``accuracy[point, k]``: zero-shot queries patched with ``theta_k`` answer ``task.answer(x, k)``;
     ``zero_shot_baseline[k]`` / ``demo_baseline[k]``: the same without a vector / with the demos.
@@ -127,6 +150,7 @@ class TaskVectorResult(Result):
     ``vectors[point, k]``: the task vectors themselves (left out of ``to_dict``).
     """
 
+    site: str
     hooks: list[str]
     ks: list[int]
     accuracy: Float[Tensor, "point k"]
@@ -143,7 +167,7 @@ class TaskVectorResult(Result):
     def best(self) -> dict:
         """The point with the highest mean patched accuracy, with both baselines (means over rules)."""
         i = int(self.accuracy_mean.argmax())
-        return {"hook": self.hooks[i], "index": i, "accuracy": float(self.accuracy_mean[i]),
+        return {"site": self.site, "hook": self.hooks[i], "index": i, "accuracy": float(self.accuracy_mean[i]),
                 "zero_shot_baseline": float(self.zero_shot_baseline.mean()),
                 "demo_baseline": float(self.demo_baseline.mean()),
                 "swap_follows_vector": float(_off_diagonal_mean(self.swap_follows_vector)[i]),
@@ -158,19 +182,19 @@ class TaskVectorResult(Result):
         return d
 
     def figures(self) -> dict:
-        n = len(self.hooks)
+        n, where = len(self.hooks), SITES[self.site]
         ticks = [h.replace("blocks.", "").replace(".hook_", " ") for h in self.hooks]
         lines = [self.accuracy_mean, self.zero_shot_baseline.mean().expand(n), self.demo_baseline.mean().expand(n)]
         labels = ["zero-shot + task vector", "zero-shot (no demos)", f"{self.n_demos} demos"]
         for j, k in enumerate(self.ks):
             lines.append(self.accuracy[:, j])
             labels.append(f"+ vector, rule k={k}")
-        acc = plots.line(torch.stack(lines), labels=labels, title="Task vectors: zero-shot accuracy",
+        acc = plots.line(torch.stack(lines), labels=labels, title=f"Task vectors at the {where}: zero-shot accuracy",
                          xaxis="patched residual stream", yaxis="accuracy")
         swap = plots.line(torch.stack([_off_diagonal_mean(self.swap_follows_vector),
                                        _off_diagonal_mean(self.swap_follows_demos)]),
                           labels=["follows the vector's rule", "follows the demos' rule"],
-                          title="Swapped task vectors (demos of rule k, vector of rule k')",
+                          title=f"Swapped task vectors at the {where} (demos of rule k, vector of rule k')",
                           xaxis="patched residual stream", yaxis="fraction of answers")
         for fig in (acc, swap):
             fig.update_xaxes(tickvals=list(range(n)), ticktext=ticks)
@@ -179,8 +203,9 @@ class TaskVectorResult(Result):
         names = [str(k) for k in self.ks]
         heat = plots.heatmap(self.swap_follows_vector[i], x_labels=names, y_labels=names, diverging=False,
                              zmin=0.0, zmax=1.0, xaxis="vector's rule k'", yaxis="demos' rule k",
-                             title=f"Answers following the vector's rule at {self.hooks[i]}")
-        return {"task_vectors/accuracy": acc, "task_vectors/swap": swap, "task_vectors/swap_best": heat}
+                             title=f"Answers following the vector's rule at the {where}, {self.hooks[i]}")
+        key = f"task_vectors/{self.site}"
+        return {f"{key}/accuracy": acc, f"{key}/swap": swap, f"{key}/swap_best": heat}
 
 
 def _off_diagonal_mean(x: Tensor) -> Tensor:
@@ -188,10 +213,12 @@ def _off_diagonal_mean(x: Tensor) -> Tensor:
     return x.nanmean(dim=(1, 2)) if x.shape[1] > 1 else torch.full(x.shape[:1], float("nan"))
 
 
-def _check(model: HookedTransformer, task, n: int, layers) -> list[str]:
+def _check(model: HookedTransformer, task, n: int, layers, site: str) -> list[str]:
     if not isinstance(task, ICL):
         raise TaskVectorError(f"task: task vectors need the 'icl' task, got {getattr(task, 'name', task)!r}; "
                               "train with task=icl")
+    if site not in SITES:
+        raise TaskVectorError(f"site={site!r}: choose one of {list(SITES)}")
     if task.cfg.n_demos < 1:
         raise TaskVectorError("task.n_demos: the demo prompts need at least one demo; set task.n_demos >= 1")
     if task.seq_len > model.cfg.n_ctx or task.d_vocab > model.cfg.d_vocab:
@@ -214,34 +241,46 @@ def _check(model: HookedTransformer, task, n: int, layers) -> list[str]:
     return out
 
 
+def last_separator(task: ICL, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
+    """Each row's last ``;`` before the final ``->`` (the end of the last demo)."""
+    before = task.separators(tokens)[:, :task.arrow_position()]
+    return torch.where(before, torch.arange(before.shape[1], device=tokens.device), -1).amax(1)
+
+
 @torch.no_grad()
-def task_vectors(model: HookedTransformer, task: ICL, *, n: int = 256, seed: int = ANALYSIS_SEED,
-                 layers: list[int | str] | None = None, chunk_rows: int = 512,
+def task_vectors(model: HookedTransformer, task: ICL, *, site: str = "arrow", n: int = 256,
+                 seed: int = ANALYSIS_SEED, layers: list[int | str] | None = None, chunk_rows: int = 512,
                  progress: bool = True) -> TaskVectorResult:
     """Task vectors of every rule in ``task.ks`` at every residual-stream point (or ``layers``).
 
-    ``n`` prompts per rule for the vectors (and the swap), ``n`` zero-shot queries; all drawn with
-    ``seed`` on the CPU, so the result does not depend on the device. ``layers``: ints (``l``: block
-    ``l``'s input, ``n_layers``: the last block's output) or hook names.
+    ``site``: ``"arrow"`` (the final ``->``) or ``"separator"`` (the last ``;``; see the module
+    docstring). ``n`` prompts per rule for the vectors (and the swap), ``n`` zero-shot queries; all
+    drawn with ``seed`` on the CPU, so the result does not depend on the device. ``layers``: ints
+    (``l``: block ``l``'s input, ``n_layers``: the last block's output) or hook names.
     """
-    points = _check(model, task, n, layers)
-    device, g, ks = model.cfg.device, task.cfg.group_size, list(task.ks)
+    points = _check(model, task, n, layers, site)
+    device, ks = model.cfg.device, list(task.ks)
     gen = torch.Generator().manual_seed(seed)
-    arrow, arrow0 = task.arrow_position(), task.arrow_position(0)
+    arrow, arrow0 = task.arrow_position(), task.cfg.group_size + 2
     demos = [task.sample_rule(n, gen, k).tokens.to(device) for k in ks]
-    queries = task.sample_rule(n, gen, ks[0], n_demos=0).tokens.to(device)
-    q_group = queries[:, 1:g + 1]  # [n, g]: the query's symbols; rule k answers task.answer(q_group, k)
+    q_group = task.query_group(task.sample_rule(n, gen, ks[0], n_demos=0).tokens).to(device)  # [n, g]
+    queries = task.zero_shot(q_group)  # [BOS, ;, x_1..x_g, ->]: rule k answers task.answer(q_group, k)
+
+    def marks(tokens: Tensor) -> Tensor | None:  # where a vector is written (None: the final arrow)
+        return None if site == "arrow" else task.separators(tokens) & (torch.arange(tokens.shape[1], device=device) < arrow)
 
     thetas, demo_acc = [], []
     for tokens in demos:
-        resid, logits = resid_at(model, tokens, arrow, points, chunk_rows)
+        src = arrow if site == "arrow" else last_separator(task, tokens)
+        resid, logits = resid_at(model, tokens, src, points, read_pos=arrow, chunk_rows=chunk_rows)
         thetas.append(resid.mean(1))  # [point, d_model]
         demo_acc.append((logits.argmax(-1) == tokens[:, arrow + 1]).float().mean())
     theta = torch.stack(thetas, dim=1)  # [point, k, d_model]
 
-    _, plain = resid_at(model, queries, arrow0, points[:1], chunk_rows)
+    _, plain = resid_at(model, queries, arrow0, points[:1], chunk_rows=chunk_rows)
     zero_shot = torch.stack([(plain.argmax(-1) == task.answer(q_group, k)).float().mean() for k in ks])
-    pred = patched_logits(model, queries, arrow0, theta, points, chunk_rows=chunk_rows,
+    where0 = None if site == "arrow" else task.separators(queries)
+    pred = patched_logits(model, queries, arrow0, theta, points, where=where0, chunk_rows=chunk_rows,
                           progress=progress).argmax(-1)  # [point, k, n]
     accuracy = torch.stack([(pred[:, j] == task.answer(q_group, k)).float().mean(-1) for j, k in enumerate(ks)], dim=1)
 
@@ -251,15 +290,15 @@ def task_vectors(model: HookedTransformer, task: ICL, *, n: int = 256, seed: int
         others = [i for i in range(len(ks)) if i != j]
         if not others:
             continue
-        pred = patched_logits(model, tokens, arrow, theta[:, others], points, chunk_rows=chunk_rows,
-                              progress=progress).argmax(-1)  # [point, k', n]
-        group = tokens[:, arrow - g:arrow]
+        pred = patched_logits(model, tokens, arrow, theta[:, others], points, where=marks(tokens),
+                              chunk_rows=chunk_rows, progress=progress).argmax(-1)  # [point, k', n]
+        group = task.query_group(tokens)
         for v, i in enumerate(others):
             follows_vec[:, j, i] = (pred[:, v] == task.answer(group, ks[i])).float().mean(-1).cpu()
             follows_demo[:, j, i] = (pred[:, v] == task.answer(group, k)).float().mean(-1).cpu()
 
     return TaskVectorResult(
-        hooks=points, ks=ks, accuracy=accuracy.cpu(), accuracy_mean=accuracy.mean(1).cpu(),
+        site=site, hooks=points, ks=ks, accuracy=accuracy.cpu(), accuracy_mean=accuracy.mean(1).cpu(),
         zero_shot_baseline=zero_shot.cpu(), demo_baseline=torch.stack(demo_acc).cpu(),
         swap_follows_vector=follows_vec, swap_follows_demos=follows_demo, vectors=theta.cpu(), n=int(n),
         n_demos=task.cfg.n_demos, seed=int(seed))

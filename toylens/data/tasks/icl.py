@@ -4,6 +4,11 @@
 modulo ``n_symbols``). There the query symbol alone cannot hold the answer; the rule, read off the
 demos, must be combined with it.
 
+``fillers: F`` scatters ``F`` filler tokens ``_`` between the groups of each sequence (each filler
+picks the gap before one of the groups, uniformly), so the distance from the final ``->`` back to
+any demo varies while the sequence length and the final ``->`` stay fixed: a model can no longer
+read the last demo at a fixed offset and has to gather the rule from the demos' contents.
+
 Each sequence draws one rule ``k`` from ``ks`` and uses it for all its demos and for the query, so
 the rule can only be read off the demos: the setting of task-vector analyses, which patch the
 residual stream at the final ``->`` (``arrow_position``) into zero-shot prompts (``sample_rule``).
@@ -31,6 +36,7 @@ class ICLConfig(TaskConfig):
     n_demos: int = 4  # solved groups before the query
     ks: list[int] = field(default_factory=lambda: [0, 1, 2])  # the rules: answer = group[k] (shift: x + k)
     rule: str = "pick"  # pick: y = group[k]; shift: y = (x + k) mod n_symbols, needs group_size 1
+    fillers: int = 0  # filler tokens "_" scattered between groups at random (fixed count per sequence)
 
 
 @register_task
@@ -60,6 +66,7 @@ class ICL(Task):
             f"must be at least 2 and at least group_size={cfg.group_size} (a group's symbols are distinct)",
         )
         require(cfg.n_demos >= 0, "n_demos", cfg.n_demos, "must be at least 0 (0 is zero-shot)")
+        require(cfg.fillers >= 0, "fillers", cfg.fillers, "must be at least 0 (0: no filler tokens)")
         ks = [int(k) for k in cfg.ks]
         require(len(ks) >= 1, "ks", ks, "must name at least one rule, e.g. [0, 1, 2]")
         n_rules = cfg.n_symbols if shift else cfg.group_size
@@ -77,6 +84,11 @@ class ICL(Task):
 
     @property
     def d_vocab(self) -> int:
+        return self.cfg.n_symbols + self.FIRST_SYMBOL + (1 if self.cfg.fillers else 0)
+
+    @property
+    def filler(self) -> int:
+        """The filler token's id (after the symbols; only in the vocabulary when ``fillers > 0``)."""
         return self.cfg.n_symbols + self.FIRST_SYMBOL
 
     @property
@@ -85,13 +97,13 @@ class ICL(Task):
 
     @property
     def token_names(self) -> list[str]:
-        return ["BOS", "->", ";"] + symbol_names(self.cfg.n_symbols)
+        return ["BOS", "->", ";"] + symbol_names(self.cfg.n_symbols) + (["_"] if self.cfg.fillers else [])
 
     # --- positions ----------------------------------------------------------------------------
     def seq_len_for(self, n_demos: int | None = None) -> int:
         """Tokens per sequence with ``n_demos`` demos (the config's when None)."""
         n = self.cfg.n_demos if n_demos is None else n_demos
-        return (n + 1) * (self.cfg.group_size + 3)
+        return (n + 1) * (self.cfg.group_size + 3) + self.cfg.fillers
 
     def arrow_position(self, n_demos: int | None = None) -> int:
         """Index of the final ``->`` (where the query's answer is predicted): ``seq_len - 2``."""
@@ -137,21 +149,34 @@ class ICL(Task):
             return (groups[..., 0] - first + k) % n + first
         return groups.gather(-1, k.expand(groups.shape[:-1])[..., None])[..., 0]
 
-    def _build(self, groups: Tensor, k: Tensor) -> Batch:
-        """Lay out ``groups`` (``[batch, G, g]``) answered by rule ``k`` (``[batch]``)."""
-        batch = groups.shape[0]
+    def _build(self, groups: Tensor, k: Tensor, generator: torch.Generator) -> Batch:
+        """Lay out ``groups`` (``[batch, G, g]``) answered by rule ``k`` (``[batch]``), fillers drawn last."""
+        batch, n_groups = groups.shape[:2]
         answers = self.answer(groups, k)[..., None]
         arrow = torch.full_like(answers, self.ARROW)
         semi = torch.full_like(answers, self.SEMI)
         body = torch.cat([groups, arrow, answers, semi], dim=2).view(batch, -1)[:, :-1]
         bos = torch.full((batch, 1), self.BOS, dtype=body.dtype, device=body.device)
+        if self.cfg.fillers:
+            body = self._scatter_fillers(body, n_groups, generator)
         tokens = torch.cat([bos, body], dim=1)
         return Batch(tokens, next_token_targets(tokens), tokens == self.ARROW)
+
+    def _scatter_fillers(self, body: Tensor, n_groups: int, generator: torch.Generator) -> Tensor:
+        """Insert ``fillers`` filler tokens into ``body``, each in the gap before a uniformly drawn group."""
+        batch, width, dev = body.shape[0], self.cfg.group_size + 3, body.device
+        gap = torch.randint(0, n_groups, (batch, self.cfg.fillers), generator=generator, device=generator.device)
+        per_gap = torch.zeros(batch, n_groups, dtype=torch.long, device=dev)
+        per_gap.scatter_add_(1, gap.to(dev), torch.ones_like(gap, device=dev))
+        group_of = torch.arange(body.shape[1], device=dev) // width  # body position -> its group
+        dest = torch.arange(body.shape[1], device=dev) + per_gap.cumsum(1)[:, group_of]  # [batch, body pos]
+        out = torch.full((batch, body.shape[1] + self.cfg.fillers), self.filler, dtype=body.dtype, device=dev)
+        return out.scatter_(1, dest, body)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         ks = self._ks(generator.device)
         pick = torch.randint(0, len(ks), (batch_size,), generator=generator, device=generator.device)
-        return self._build(self._groups(batch_size, self.cfg.n_demos, generator), ks[pick])
+        return self._build(self._groups(batch_size, self.cfg.n_demos, generator), ks[pick], generator)
 
     def sample_rule(
         self, batch_size: int, generator: torch.Generator, k: int, n_demos: int | None = None
@@ -168,16 +193,49 @@ class ICL(Task):
         if n < 0:
             raise ValueError(f"n_demos={n} must be at least 0")
         rule = torch.full((batch_size,), k, dtype=torch.long, device=generator.device)
-        return self._build(self._groups(batch_size, n, generator), rule)
+        return self._build(self._groups(batch_size, n, generator), rule, generator)
 
     # --- analysis helpers ---------------------------------------------------------------------
+    def _arrows(self, tokens: Tensor) -> Tensor:
+        """``[batch, n_groups]`` positions of every ``->`` (checked to be an icl layout of this task)."""
+        is_arrow = tokens == self.ARROW
+        n = is_arrow.sum(1)
+        n_groups = int(n[0]) if len(n) else 0
+        if n_groups < 1 or bool((n != n_groups).any()) or tokens.shape[1] != self.seq_len_for(n_groups - 1):
+            raise ValueError(f"batch of {tokens.shape[1]} tokens is not an icl layout of this task "
+                             f"(group_size {self.cfg.group_size}, fillers {self.cfg.fillers}); sample it from the task")
+        return is_arrow.nonzero()[:, 1].view(len(tokens), n_groups)
+
+    def _groups_before(self, tokens: Tensor, arrows: Tensor) -> Tensor:
+        """``[batch, n_groups, g]``: the symbols in front of each ``->``."""
+        g = self.cfg.group_size
+        at = arrows[..., None] - g + torch.arange(g, device=tokens.device)
+        return tokens.gather(1, at.flatten(1)).view(*arrows.shape, g)
+
     def rule_of(self, batch: Batch) -> Tensor:
         """The rule ``k`` of each row, read off its first group (``[batch]``)."""
-        g = self.cfg.group_size
-        first, answer = batch.tokens[:, 1 : g + 1], batch.tokens[:, g + 2]
+        arrows = self._arrows(batch.tokens)[:, :1]
+        first = self._groups_before(batch.tokens, arrows)[:, 0]
+        answer = batch.tokens.gather(1, arrows + 1)[:, 0]
         if self.cfg.rule == "shift":
             return (answer - first[:, 0]) % self.cfg.n_symbols
         return (first == answer[:, None]).int().argmax(dim=1)
+
+    def query_group(self, tokens: Tensor) -> Tensor:
+        """``[batch, g]``: the query's symbols, right before the final ``->``."""
+        arrow = self.arrow_position(self._arrows(tokens).shape[1] - 1)
+        return tokens[:, arrow - self.cfg.group_size:arrow]
+
+    def zero_shot(self, groups: Tensor) -> Tensor:
+        """``[BOS, ;, x_1..x_g, ->]`` for each query ``groups[b]`` (``[batch, g]``): the query as it
+        follows the demos, the demos gone. The ``;`` is at position 1, the ``->`` at ``g + 2``."""
+        n, dev = groups.shape[0], groups.device
+        bos = torch.full((n, 1), self.BOS, dtype=groups.dtype, device=dev)
+        return torch.cat([bos, torch.full_like(bos, self.SEMI), groups, torch.full_like(bos, self.ARROW)], dim=1)
+
+    def separators(self, tokens: Tensor) -> Tensor:
+        """``[batch, pos]`` bool: the ``;`` positions (where each demo ends)."""
+        return tokens == self.SEMI
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
         """The same symbols answered by a different rule ``k'`` (uniform over ``ks`` minus ``k``).
@@ -185,12 +243,9 @@ class ICL(Task):
         Every group, the query included, follows ``k'``: the demos' answer tokens change, and the
         targets (the next tokens) follow the new rule, so the query's target becomes ``answer(x, k')``.
         The clean answer is the clean batch's target at ``arrow_position``. Works for any number
-        of demos; needs a rule in ``ks`` other than the row's own.
+        of demos (and fillers stay where they were); needs a rule in ``ks`` other than the row's own.
         """
-        g, width = self.cfg.group_size, self.cfg.group_size + 3
-        n_groups, rem = divmod(batch.tokens.shape[1], width)
-        if rem:
-            raise ValueError(f"batch of {batch.tokens.shape[1]} tokens is not an icl layout (width {width})")
+        arrows = self._arrows(batch.tokens)
         k = self.rule_of(batch)
         ks = self._ks(k.device)
         allowed = ks[None, :] != k[:, None]
@@ -198,9 +253,9 @@ class ICL(Task):
             raise ValueError(f"task.ks={self.ks} needs a second rule for corrupt(); list at least two ks")
         keys = torch.rand(allowed.shape, generator=generator, device=generator.device)
         new_k = ks[keys.masked_fill(~allowed, -1.0).argmax(dim=1)]
-        body = torch.cat([batch.tokens[:, 1:], torch.zeros_like(batch.tokens[:, :1])], dim=1)
-        groups = body.view(len(batch), n_groups, width)[:, :, :g]
-        return self._build(groups, new_k)
+        tokens = batch.tokens.clone()
+        tokens.scatter_(1, arrows + 1, self.answer(self._groups_before(tokens, arrows), new_k))
+        return Batch(tokens, next_token_targets(tokens), tokens == self.ARROW)
 
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Tensor:
         """Fraction of rows whose query answer (argmax at the final ``->``) is right.
