@@ -49,7 +49,6 @@ from toylens.analyze.result import Result
 from toylens.analyze.run import ANALYSIS_SEED
 from toylens.data.tasks.icl import ICL
 
-
 SITES = {"arrow": "final '->'", "separator": "last ';'"}
 
 
@@ -91,7 +90,8 @@ def resid_at(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pos: in
         store: dict[str, Tensor] = {}
         rows = torch.arange(min(chunk_rows, tokens.shape[0] - lo), device=tokens.device)
         here = at[lo:lo + chunk_rows]
-        hooks = [(p, lambda act, hook, s=store: s.__setitem__(hook.name, act[rows, here].clone())) for p in points]
+        hooks = [(p, lambda act, hook, s=store, r=rows, h=here: s.__setitem__(hook.name, act[r, h].clone()))
+                 for p in points]
         with model.hooks(fwd_hooks=hooks):
             final = model(tokens[lo:lo + chunk_rows], stop_at_layer=n_layers)
         grabbed.append(torch.stack([store[p] for p in points]))
@@ -267,7 +267,8 @@ def task_vectors(model: HookedTransformer, task: ICL, *, site: str = "arrow", n:
     queries = task.zero_shot(q_group)  # [BOS, ;, x_1..x_g, ->]: rule k answers task.answer(q_group, k)
 
     def marks(tokens: Tensor) -> Tensor | None:  # where a vector is written (None: the final arrow)
-        return None if site == "arrow" else task.separators(tokens) & (torch.arange(tokens.shape[1], device=device) < arrow)
+        before = torch.arange(tokens.shape[1], device=device) < arrow
+        return None if site == "arrow" else task.separators(tokens) & before
 
     thetas, demo_acc = [], []
     for tokens in demos:
