@@ -21,7 +21,7 @@ venv: $(STAMP)
 # Train the seed experiment (no positional embedding, predict the previous token), then analyse it.
 demo: venv
 	@set -e; run_dir=$$($(VENV)/bin/toylens-train experiment=no_pos_prev_token | tail -n 1); \
-	if [ -x $(VENV)/bin/toylens-analyze ] && $(PY) -c "import toylens.analyze.cli" 2>/dev/null; then \
+	if [ -x $(VENV)/bin/toylens-analyze ] && $(PY) -c "import toylens.report.cli" 2>/dev/null; then \
 	  $(VENV)/bin/toylens-analyze run=$$run_dir; \
 	else echo "run directory: $$run_dir"; fi
 

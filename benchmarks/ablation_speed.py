@@ -41,7 +41,7 @@ import torch
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.ablation import ablate_every_hook
 from toylens.data import TASKS, make_task
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 TARGET_SPEEDUP, TARGET_TOL, TARGET_MEMORY = 12.0, 1e-4, 0.25
 

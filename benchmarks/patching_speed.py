@@ -51,7 +51,7 @@ from toylens.analyze.metrics import tl_metric
 from toylens.analyze.pairs import PromptPairs
 from toylens.analyze.patching import EVERY, KINDS, TL_EVERY, patch
 from toylens.data import TASKS, make_task
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 TARGET_SPEEDUP, TARGET_TOL = 10.0, 1e-5
 ALL = [*KINDS, *EVERY]
@@ -168,7 +168,7 @@ def run_tl(model, pairs, kind: str, max_patches: int | None, rng: torch.Generato
 
 
 def _shape(model, pairs, kind):
-    from toylens.analyze.patching_engine import n_heads_for
+    from toylens.analyze.patching.engine import n_heads_for
 
     sizes = {"layer": model.cfg.n_layers, "pos": pairs.n_pos, "dest_pos": pairs.n_pos, "src_pos": pairs.n_pos,
              "head_index": n_heads_for(model, KINDS[kind].act)}
@@ -188,7 +188,7 @@ def work_ratio(model, pairs, kind: str) -> float:
     the last block at the answer position only). Where this is below the 10x target, meeting it needs
     a block-position cheaper than TL's (bigger batches, fused kernels), not less work."""
     from toylens.analyze.metrics import get_metric
-    from toylens.analyze.patching_engine import Context, enumerate_patches, plan_items
+    from toylens.analyze.patching.engine import Context, enumerate_patches, plan_items
 
     ctx = Context(model, pairs, get_metric("logit_diff"))
     n_layers, b = model.cfg.n_layers, pairs.batch_size

@@ -27,10 +27,10 @@ import torch
 
 from toylens._compat import HookedTransformer, HookedTransformerConfig
 from toylens.data import make_task
-from toylens.train.checkpoint import read_metrics
-from toylens.train.config import TrainConfig
+from toylens.model.build import build_model, quiet_transformer_lens
+from toylens.runs.checkpoint import read_metrics
+from toylens.runs.config import TrainConfig
 from toylens.train.loop import make_train_step, pick_forward
-from toylens.train.model import build_model, quiet_transformer_lens
 from toylens.train.optim import make_optimizer
 
 SOLVE_AT = 0.01
@@ -98,7 +98,7 @@ def experiment_config(batch_size: int | None = None, extra: list[str] = ()) -> T
     from omegaconf import OmegaConf
 
     from toylens._paths import config_dir
-    from toylens.train.config import register_configs
+    from toylens.runs.config import register_configs
 
     register_configs()
     overrides = ["experiment=no_pos_prev_token", "device=cpu", *extra]

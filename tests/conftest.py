@@ -22,7 +22,7 @@ PYTHON = sys.executable
 def tiny_config(tmp_path: Path, **overrides):
     """A TrainConfig that trains in well under a second: 2 layers, d_model 32, prev_token on 20 tokens."""
     from toylens.data import TASKS
-    from toylens.train.config import LoopConfig, ModelConfig, OptimConfig, TrainConfig
+    from toylens.runs.config import LoopConfig, ModelConfig, OptimConfig, TrainConfig
 
     cfg = TrainConfig(
         name="tiny",

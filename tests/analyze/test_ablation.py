@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-import toylens.analyze.ablation_fused as fused
-import toylens.analyze.ablation_plan as plan
+import toylens.analyze.ablation.fused as fused
+import toylens.analyze.ablation.plan as plan
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.ablation import AblationResult, ablate_every_hook
-from toylens.analyze.ablation_plan import HEAD_LABEL
+from toylens.analyze.ablation.plan import HEAD_LABEL
 from toylens.data import TASKS, make_task
 from toylens.data.base import Batch
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 D_VOCAB, N_CTX = 23, 9
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from toylens.analyze import cli
-from toylens.train import checkpoint as ck
+from toylens.report import cli
+from toylens.runs import checkpoint as ck
 
 SMALL = ["batch.size=32", "reference.size=24", "progress=false", "device=cpu", "max_tokens=6", "chunk_size=16",
          "ablation.chunk_rows=16"]
@@ -129,7 +129,7 @@ def test_corrupted_checkpoint_exits_1_with_one_line(trained, cwd, monkeypatch, c
 def test_entry_point_in_a_subprocess(trained, tmp_path):
     """The installed console script, as a user types it: a bad path exits 2 with one line, fast."""
     exe = Path(sys.executable).parent / "toylens-analyze"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "toylens.analyze.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "toylens.report.cli"]
     env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
     p = subprocess.run([*cmd, f"run={tmp_path / 'missing'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)

@@ -6,7 +6,7 @@ import torch
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.attention import SCORE_NAMES, attention_patterns, head_scores
 from toylens.data.base import Batch
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 N_CTX = 12
 

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.attribution import direct_logit_attribution, dla_per_token, logit_lens
-from toylens.analyze.folding import fold
 from toylens.data.base import Batch
-from toylens.train.model import make_model
+from toylens.model.build import make_model
+from toylens.model.fold import fold
 
 VOCAB, N_CTX = 30, 10
 

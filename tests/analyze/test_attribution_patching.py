@@ -13,8 +13,8 @@ from toylens.analyze.attribution_patching import attribution_patch, correlation
 from toylens.analyze.metrics import tl_metric
 from toylens.analyze.pairs import PromptPairs
 from toylens.analyze.patching import EVERY, KINDS, PatchingError, patch
-from toylens.analyze.patching_engine import hook_name
-from toylens.train.model import make_model
+from toylens.analyze.patching.engine import hook_name
+from toylens.model.build import make_model
 
 VOCAB, N_POS = 19, 7
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toylens.analyze import cli
 from toylens.analyze.ablation import ablate_every_hook
 from toylens.analyze.attention import SCORE_NAMES, attention_patterns
 from toylens.analyze.dynamics import DynamicsResult, checkpoint_dynamics
-from toylens.analyze.folding import fold
 from toylens.analyze.qkov import circuits
-from toylens.analyze.report import AnalyzeConfig, make_report
-from toylens.analyze.run import RunError, load_run
-from toylens.train.config import ConfigError
+from toylens.model.fold import fold
+from toylens.report import cli
+from toylens.report.build import make_report
+from toylens.report.config import AnalyzeConfig
+from toylens.runs.config import ConfigError
+from toylens.runs.run import RunError, load_run
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,6 @@ def test_cli_over_checkpoints_and_its_errors(run, tmp_path, monkeypatch, capsys)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], err
     with pytest.raises(ConfigError):
-        from toylens.analyze.report import validate
+        from toylens.report.config import validate
 
         validate(AnalyzeConfig(run="x", over="all"))

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-import toylens.analyze.folding as fold_mod
+import toylens.model.fold as fold_mod
 from toylens._compat import HookedTransformerConfig
-from toylens.analyze.folding import FoldCheckError, FoldResult, fold
 from toylens.data.base import Batch
-from toylens.train.model import make_model, positional_embedding_type
+from toylens.model.build import make_model, positional_embedding_type
+from toylens.model.fold import FoldCheckError, FoldResult, fold
 
 
 def tiny_model(norm="LN", pos="standard", seed=0, attn_only=False):

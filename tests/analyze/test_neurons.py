@@ -6,7 +6,7 @@ import torch
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.neurons import GELU_LIKE_THRESHOLD, neuron_activity
 from toylens.data.base import Batch
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 N_CTX, D_MLP = 10, 32
 

@@ -19,8 +19,8 @@ from toylens._compat import HookedTransformerConfig
 from toylens.analyze.metrics import MetricError, at_answer, tl_metric
 from toylens.analyze.pairs import PairsError, PromptPairs
 from toylens.analyze.patching import EVERY, KINDS, TL_EVERY, PatchingError, patch, patching_context, value_at
-from toylens.analyze.patching_engine import enumerate_patches, make_chunks, plan_items, run_sweep
-from toylens.train.model import make_model
+from toylens.analyze.patching.engine import enumerate_patches, make_chunks, plan_items, run_sweep
+from toylens.model.build import make_model
 
 VOCAB, N_POS = 23, 7
 

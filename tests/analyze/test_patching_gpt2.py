@@ -17,8 +17,8 @@ from toylens._compat import HookedTransformerConfig
 from toylens.analyze.metrics import tl_metric
 from toylens.analyze.pairs import PromptPairs
 from toylens.analyze.patching import EVERY, KINDS, TL_EVERY, patch, patching_context
-from toylens.analyze.patching_engine import enumerate_patches, run_sweep
-from toylens.train.model import make_model
+from toylens.analyze.patching.engine import enumerate_patches, run_sweep
+from toylens.model.build import make_model
 
 N_POS = 5
 SETTERS = {"resid_pre": tlp.layer_pos_patch_setter, "attn_out": tlp.layer_pos_patch_setter,

@@ -16,7 +16,7 @@ from toylens.analyze.prompts import PromptError, attach_tokenizer, pairs_from_pr
 from toylens.data import TASKS, make_task
 from toylens.data.tasks.prev_token import PrevToken
 from toylens.data.tokenizer import TokenizerError
-from toylens.train.model import make_model
+from toylens.model.build import make_model
 
 WITH_CORRUPT = ["prev_token", "induction", "copy", "reverse", "sort", "modular_add", "icl"]
 PROMPT = "a b c -> c ; d e f ->"
@@ -71,7 +71,7 @@ def test_vocabulary_must_fit_the_model():
 
 
 def test_run_model_has_the_task_tokenizer(tmp_path, tiny_run):
-    from toylens.analyze.run import load_run
+    from toylens.runs.run import load_run
 
     run = load_run(tiny_run(tmp_path / "run"))
     row = run.batch(1).tokens[0]

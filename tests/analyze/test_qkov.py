@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from toylens._compat import HookedTransformerConfig
-from toylens.analyze.folding import fold
 from toylens.analyze.qkov import circuits
-from toylens.train.model import make_model
+from toylens.model.build import make_model
+from toylens.model.fold import fold
 
 
 def tiny_model(pos="standard", d_vocab=30, attn_only=False, norm="LN", seed=0, **kw):

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from plotly.offline import get_plotlyjs
 
-from toylens.analyze import report_sections
-from toylens.analyze.folding import max_logprob_diff
-from toylens.analyze.report import AnalyzeConfig, build_report, make_report, validate
-from toylens.analyze.report_html import write_report
-from toylens.analyze.run import load_run
-from toylens.train.config import ConfigError
-from toylens.train.model import fold_layer_norm
+from toylens.model.build import fold_layer_norm
+from toylens.model.fold import max_logprob_diff
+from toylens.report import sections as report_sections
+from toylens.report.build import build_report, make_report
+from toylens.report.config import AnalyzeConfig, validate
+from toylens.report.html import write_report
+from toylens.runs.config import ConfigError
+from toylens.runs.run import load_run
 
 ROWS, REF_ROWS, SHOWN = 48, 40, 8
 
@@ -219,7 +220,7 @@ def test_failed_analysis_writes_nothing(trained, tmp_path, monkeypatch):
 
 
 def test_failed_fold_check_is_shown_not_hidden(trained, tmp_path, monkeypatch):
-    import toylens.analyze.folding as fold_module
+    import toylens.model.fold as fold_module
 
     monkeypatch.setattr(fold_module, "max_logprob_diff", lambda *a, **k: 0.5)
     report = build_report(load_run(trained), small_config(trained, analyses=["fold", "circuits"]))
@@ -258,7 +259,7 @@ def test_validate_names_the_field(change, needle):
 
 def test_wandb_run_gets_the_report_offline(trained, tmp_path, monkeypatch):
     """A run trained with logger=wandb: the report goes to the same wandb run id, offline here."""
-    from toylens.train import checkpoint as ck
+    from toylens.runs import checkpoint as ck
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("report")))

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from toylens.analyze.report import AnalyzeConfig, make_report
-from toylens.analyze.run import load_run
+from toylens.report.build import make_report
+from toylens.report.config import AnalyzeConfig
+from toylens.runs.run import load_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import toylens
 import toylens.analyze
-from toylens.analyze.run import Run, RunError, load_run
-from toylens.train import checkpoint as ck
-from toylens.train.checkpoint import CheckpointError
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.runs import checkpoint as ck
+from toylens.runs.checkpoint import CheckpointError
+from toylens.runs.run import Run, RunError, load_run
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_package_imports_stay_light_and_fold_is_callable(trained):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(Path(toylens.__file__).parents[1])))
     assert p.returncode == 0, p.stderr
-    from toylens.analyze.folding import FoldResult
+    from toylens.model.fold import FoldResult
 
     run = load_run(trained)
     res = toylens.analyze.fold(run.model(), run.batch(8))

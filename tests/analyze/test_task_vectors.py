@@ -13,8 +13,8 @@ from toylens.analyze.task_vectors import (
     task_vectors,
 )
 from toylens.data import TASKS
-from toylens.train.config import ModelConfig
-from toylens.train.model import hooked_config, make_model
+from toylens.model.build import hooked_config, make_model
+from toylens.runs.config import ModelConfig
 
 
 def icl_task(**kw):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from toylens.analyze.tracing import TracingError, causal_trace, noise_samples, restore_sweep, rows_for_kind
-from toylens.train.config import ModelConfig
-from toylens.train.model import hooked_config, make_model
+from toylens.model.build import hooked_config, make_model
+from toylens.runs.config import ModelConfig
 
 VOCAB, N_POS = 20, 7
 

@@ -13,9 +13,9 @@ import psutil
 import pytest
 import torch
 
+from toylens.runs import checkpoint as ck
 from toylens.sweep import index as ix
 from toylens.sweep.report import SweepReportConfig, make_sweep_report
-from toylens.train import checkpoint as ck
 
 from .conftest import TINY, case_dir, env, run_train, train_cmd
 
@@ -154,7 +154,7 @@ def _compose(*overrides):
     from hydra import compose, initialize_config_dir
 
     from toylens._paths import config_dir
-    from toylens.train.config import register_configs
+    from toylens.runs.config import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):

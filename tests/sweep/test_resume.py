@@ -9,8 +9,8 @@ import signal
 import subprocess
 import time
 
+from toylens.runs import checkpoint as ck
 from toylens.sweep import index as ix
-from toylens.train import checkpoint as ck
 
 from .conftest import TINY, env, run_train, train_cmd
 

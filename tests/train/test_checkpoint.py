@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from toylens.train import checkpoint as ck
-from toylens.train.config import ModelConfig
-from toylens.train.model import build_model
+from toylens.model.build import build_model
+from toylens.runs import checkpoint as ck
+from toylens.runs.config import ModelConfig
 
 
 class Evil:  # a state file holding this would need to unpickle code

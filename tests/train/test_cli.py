@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toylens.train import checkpoint as ck
+from toylens.runs import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.d_model=32", "model.d_head=16", "model.n_heads=2", "model.d_mlp=64", "task.d_vocab=20",

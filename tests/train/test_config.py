@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from toylens._paths import config_dir
 from toylens.data import TASKS
-from toylens.train.config import ConfigError, TrainConfig, register_configs, validate
+from toylens.runs.config import ConfigError, TrainConfig, register_configs, validate
 
 register_configs()
 GROUPS = ["model", "task", "optim", "logger", "experiment", "debug"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from toylens.train import checkpoint as ck
-from toylens.train import fast_forward
-from toylens.train.config import ConfigError, TrainConfig
+from toylens.model import fused as fast_forward
+from toylens.runs import checkpoint as ck
+from toylens.runs.config import ConfigError, TrainConfig
 from toylens.train.loop import TrainingDiverged, train
 
 

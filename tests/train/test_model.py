@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from toylens._compat import HookedTransformerConfig
-from toylens.train import fast_forward
-from toylens.train.config import ModelConfig
-from toylens.train.model import (
+from toylens.model import fused as fast_forward
+from toylens.model.build import (
     build_model,
     fold_layer_norm,
     make_model,
@@ -18,6 +17,7 @@ from toylens.train.model import (
     model_from_config_dict,
     positional_embedding_type,
 )
+from toylens.runs.config import ModelConfig
 from toylens.train.optim import make_optimizer
 
 

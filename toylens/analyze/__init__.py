@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "load_run": "toylens.analyze.run",
-    "Run": "toylens.analyze.run",
-    "RunError": "toylens.analyze.run",
-    "fold": "toylens.analyze.folding",
+    "load_run": "toylens.runs.run",
+    "Run": "toylens.runs.run",
+    "RunError": "toylens.runs.run",
+    "fold": "toylens.model.fold",
     "circuits": "toylens.analyze.qkov",
     "attention_patterns": "toylens.analyze.attention",
     "direct_logit_attribution": "toylens.analyze.attribution",
@@ -28,7 +28,7 @@ _LAZY = {
     "ablate_every_hook": "toylens.analyze.ablation",
     "checkpoint_dynamics": "toylens.analyze.dynamics",
     "test_prompt": "toylens.analyze.prompts",
-    "attach_tokenizer": "toylens.analyze.prompts",
+    "attach_tokenizer": "toylens.runs.tokenizer",
     "pairs_from_task": "toylens.analyze.prompts",
     "pairs_from_prompts": "toylens.analyze.prompts",
     "PromptPairs": "toylens.analyze.pairs",

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
 from toylens.data.base import Batch
+from toylens.result import Result
 
 SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction")
 

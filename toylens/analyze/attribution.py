@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
 from toylens.data.base import Batch
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.result import Result
 
 
 def _check_linear_unembed(model: HookedTransformer) -> None:

@@ -27,8 +27,8 @@ from toylens._compat import HookedTransformer
 from toylens.analyze.metrics import Metric, at_answer, get_metric, metric_name, normalized
 from toylens.analyze.pairs import PromptPairs
 from toylens.analyze.patching import EVERY, KINDS, PatchingResult, patching_context
-from toylens.analyze.patching_engine import Kind, PatchingError, hook_name, n_heads_for
-from toylens.analyze.result import Result
+from toylens.analyze.patching.engine import Kind, PatchingError, hook_name, n_heads_for
+from toylens.result import Result
 
 __all__ = ["AttributionResult", "attribution_patch", "correlation"]
 

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
-from toylens.analyze.run import FOLD_CHECK_ROWS, Run
 from toylens.data.base import Batch
+from toylens.result import Result
+from toylens.runs.run import FOLD_CHECK_ROWS, Run
 
 DYNAMICS_ANALYSES = ("attention", "circuits", "ablation")  # eval loss and accuracy are always measured
 FORMED_AT = 0.5  # a head "has formed" once it has made this fraction of its rise (DynamicsResult.formed_at)
@@ -156,8 +156,8 @@ def checkpoint_dynamics(run: Run, batch: Batch, *, reference: Batch | None = Non
     """
     from toylens.analyze.ablation import ablate_every_hook
     from toylens.analyze.attention import SCORE_NAMES, attention_patterns
-    from toylens.analyze.folding import fold
     from toylens.analyze.qkov import copying_scores, full_ov_circuit
+    from toylens.model.fold import fold
 
     bad = [a for a in analyses if a not in DYNAMICS_ANALYSES]
     if bad:

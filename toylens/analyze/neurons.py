@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result, jsonable
 from toylens.data.base import Batch
+from toylens.result import Result, jsonable
 
 GELU_LIKE_THRESHOLD = 1e-2
 

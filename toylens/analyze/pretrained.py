@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from toylens.analyze import plots
-from toylens.analyze.result import Result
+from toylens.result import Result
 
 if TYPE_CHECKING:
     from toylens._compat import HookedTransformer
@@ -176,7 +176,7 @@ def load_pretrained(name: str, path: str | Path | None = None, device: str = "cp
     """
     from transformer_lens import HookedTransformer
 
-    from toylens.train.model import quiet_transformer_lens
+    from toylens.model.build import quiet_transformer_lens
 
     official = official_name(name)
     p = _check_path(path) if path is not None else None

@@ -24,40 +24,15 @@ from torch import Tensor
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
 from toylens.analyze.pairs import PAD, PairsError, PromptPairs
-from toylens.analyze.result import Result
-from toylens.analyze.run import ANALYSIS_SEED
 from toylens.data.base import Batch, Task
 from toylens.data.tasks.induction import Induction
-from toylens.data.tokenizer import TokenizerError, task_bos, task_tokenizer
+from toylens.data.tokenizer import TokenizerError
+from toylens.result import Result
+from toylens.runs.run import ANALYSIS_SEED
+from toylens.runs.tokenizer import PromptError, attach_tokenizer  # noqa: F401  (re-exported)
 
 PAIRS_SEED = ANALYSIS_SEED + 2  # default seed of pairs_from_task: apart from the batch and reference seeds
 _MAX_ROUNDS = 20  # pairs_from_task: draws of n rows before giving up on finding n usable pairs
-
-
-class PromptError(ValueError):
-    """A prompt or answer that cannot be used as given; the message names it and the fix."""
-
-
-# --- the toy tokenizer on a model ---------------------------------------------------------------
-def attach_tokenizer(model: HookedTransformer, task: Task) -> HookedTransformer:
-    """Give a toy model the word-level tokenizer of ``task`` (in place; returns the model).
-
-    ``to_tokens``/``to_str_tokens``/``to_string`` then work on strings of token names. When the
-    task has a BOS token it is prepended by default (``cfg.default_prepend_bos``), as every
-    training sequence starts with it; ``prepend_bos=False`` gives exactly the written words.
-
-    TransformerLens's ``set_tokenizer`` is not used: it reloads any tokenizer that has a BOS from
-    the Hub by name (``get_tokenizer_with_bos``) and names missing pad/eos tokens
-    ``<|endoftext|>`` with no id. This sets the fields it would set.
-    """
-    try:
-        tok = task_tokenizer(task, d_vocab=model.cfg.d_vocab)
-    except TokenizerError as e:
-        raise PromptError(f"task {task.name!r} and this model (d_vocab={model.cfg.d_vocab}) do not fit: {e}") from None
-    model.tokenizer = tok
-    model.cfg.tokenizer_prepends_bos = False  # BOS is prepended by TransformerLens, not by the tokenizer
-    model.cfg.default_prepend_bos = task_bos(task) is not None
-    return model
 
 
 def _require_tokenizer(model: HookedTransformer) -> None:

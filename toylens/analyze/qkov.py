@@ -1,6 +1,6 @@
 """QK and OV circuits per head, copying scores and composition scores, from the weights alone.
 
-Run on a FOLDED model (``toylens.analyze.folding.fold(model, batch).model``): with LayerNorm still
+Run on a FOLDED model (``toylens.model.fold.fold(model, batch).model``): with LayerNorm still
 unfolded, ``W_E W_Q`` ignores the LN weights that sit between them. Biases are ignored, as usual.
 
 Circuits (TransformerLens ``FactoredMatrix`` products, materialised only for the tokens asked for):
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from toylens._compat import FactoredMatrix, HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result, jsonable
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.result import Result, jsonable
 
 MATRIX_FIELDS = ("qk_token", "qk_pos", "ov_logit", "ov_mlp")
 
@@ -133,7 +133,7 @@ def self_top1_fraction(full_ov: FactoredMatrix, chunk_size: int = 256) -> Float[
 def _warn_if_unfolded(model: HookedTransformer) -> None:
     if model.cfg.normalization_type in ("LN", "RMS"):
         warnings.warn("circuits on an unfolded LN/RMS model ignore the norm weights; fold it first "
-                      "(toylens.analyze.folding.fold)", stacklevel=3)
+                      "(toylens.model.fold.fold)", stacklevel=3)
 
 
 @torch.no_grad()

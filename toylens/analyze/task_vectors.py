@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
-from toylens.analyze.run import ANALYSIS_SEED
 from toylens.data.tasks.icl import ICL
+from toylens.result import Result
+from toylens.runs.run import ANALYSIS_SEED
 
 SITES = {"arrow": "final '->'", "separator": "last ';'"}
 

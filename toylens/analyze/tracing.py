@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
-from toylens.analyze.result import Result
+from toylens.result import Result
 
 KINDS = ("resid", "attn", "mlp")
 METRICS = ("prob", "logprob")

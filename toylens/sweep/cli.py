@@ -39,11 +39,11 @@ def _fail(msg: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from toylens.analyze.run import RunError
+    from toylens.runs.checkpoint import CheckpointError
+    from toylens.runs.config import ConfigError
+    from toylens.runs.run import RunError
     from toylens.sweep import index as ix
     from toylens.sweep.report import make_sweep_report
-    from toylens.train.checkpoint import CheckpointError
-    from toylens.train.config import ConfigError
 
     sweep = Path(args.sweep_dir).expanduser()
     if not sweep.is_dir():

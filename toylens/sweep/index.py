@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from toylens.train.checkpoint import write_json
+from toylens.runs.checkpoint import write_json
 
 RECORD = "sweep_run.json"
 INDEX = "sweep.json"

@@ -33,8 +33,8 @@ def wandb_group(sweep_dir: Path, name: str) -> str:
 
 def run_sweep_job(dcfg: DictConfig, hc) -> str | None:
     """Run (or skip, or resume) one sweep job; returns the run directory, or None when it failed."""
-    from toylens.train import checkpoint as ck
-    from toylens.train.cli import explicit_keys
+    from toylens.runs import checkpoint as ck
+    from toylens.train.resume import explicit_keys
 
     run_dir = Path(hc.runtime.output_dir).resolve()
     sweep_dir = Path(hc.sweep.dir).resolve()

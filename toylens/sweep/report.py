@@ -5,7 +5,7 @@
     # -> <sweep>/sweep_report/{index.html, report.json, ablation.csv, plotly.min.js}
 
 Reads the index (rebuilt from the runs' records first) and, for every finished run, its analysis
-report (``<run>/report/report.json``, computed with ``toylens.analyze.report.make_report`` when
+report (``<run>/report/report.json``, computed with ``toylens.report.build.make_report`` when
 missing or lacking an analysis asked for). Then, across runs:
 
 - loss curves overlaid, and a final-metrics table with the swept hyper-parameters as columns;
@@ -51,8 +51,8 @@ class SweepReportConfig:
 
 
 def validate(cfg: SweepReportConfig) -> None:
-    from toylens.analyze.report import ANALYSES
-    from toylens.train.config import ConfigError
+    from toylens.report.config import ANALYSES
+    from toylens.runs.config import ConfigError
 
     bad = [a for a in cfg.analyses if a not in ANALYSES]
     if bad:
@@ -67,8 +67,9 @@ def run_analysis(run_dir: Path, cfg: SweepReportConfig) -> dict:
     """The run's report.json, computed (or completed) with toylens-analyze's ``make_report`` when needed.
     Computed here, it is not logged to the run's own wandb run (``toylens-analyze run=<dir>`` does that);
     the sweep report is logged once, for the whole group."""
-    from toylens.analyze.report import ANALYSES, AnalyzeConfig, make_report
-    from toylens.analyze.run import load_run
+    from toylens.report.build import make_report
+    from toylens.report.config import ANALYSES, AnalyzeConfig
+    from toylens.runs.run import load_run
 
     path = Path(run_dir) / "report" / "report.json"
     data = json.loads(path.read_text()) if path.is_file() else None
@@ -182,8 +183,8 @@ def head_score_summary(analyses: dict[int, dict]) -> dict:
 
 def build_sweep_data(sweep_dir: Path, cfg: SweepReportConfig) -> dict:
     """Every number of the sweep report (report.json), computing missing run analyses."""
-    from toylens.analyze.result import jsonable
-    from toylens.analyze.run import load_run
+    from toylens.result import jsonable
+    from toylens.runs.run import load_run
 
     validate(cfg)
     sweep_dir = Path(sweep_dir).resolve()

@@ -1,5 +1,5 @@
 """The sweep report's page: sections of figures and tables, rendered with the run report's own
-HTML pieces (``toylens.analyze.report_html``: styles, sortable tables, offline plotly.js and the
+HTML pieces (``toylens.report.html``: styles, sortable tables, offline plotly.js and the
 ``data-rendered`` markers the browser test reads), written atomically, and logged to wandb."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from toylens.analyze import report_html as rh
-from toylens.analyze.report import Figure, Note, Section, Table, _title, _unique_id
+from toylens.report import html as rh
+from toylens.report.build import _title, _unique_id
+from toylens.report.page import Figure, Note, Section, Table
 
 TITLE = "toylens sweep report"
 
@@ -242,8 +243,8 @@ def log_to_wandb(sweep_dir: Path, data: dict, sections: list[Section], logger_cf
 
     from plotly.offline import get_plotlyjs
 
-    from toylens.analyze.report_wandb import summary_numbers
-    from toylens.train.loggers import WandbLogger
+    from toylens.report.wandb_log import summary_numbers
+    from toylens.runs.loggers import WandbLogger
 
     lcfg = dataclasses.replace(logger_cfg, tags=[*logger_cfg.tags, "sweep-report"])
     logger = WandbLogger(lcfg, sweep_dir, {"sweep": data["sweep"], "settings": data["settings"]})

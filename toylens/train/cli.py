@@ -19,27 +19,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from toylens._paths import config_dir
-from toylens.train.config import ConfigError, register_configs
+from toylens.runs.config import ConfigError, register_configs
+from toylens.train.resume import explicit_keys
 
 # configs/hydra/launcher/{joblib,ray,submitit_local}.yaml share their names with the plugins' schemas,
 # so Hydra validates them against those schemas (wanted) and warns that this matching is deprecated.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
-
-_GROUPS = {"model", "task", "optim", "logger"}  # a group choice makes its whole subtree explicit
-_GLOBAL_GROUPS = {"experiment", "debug"}  # these may set any key
-
-
-def explicit_keys(overrides: list[str]) -> list[str]:
-    """The config keys a list of Hydra overrides sets (used to reconcile ``resume=``)."""
-    keys = []
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra"):
-            continue
-        keys.append("" if key in _GLOBAL_GROUPS else key)
-    return keys
-
 
 def _remove_if_empty(run_dir: Path) -> None:
     for d in (run_dir, run_dir.parent):
@@ -56,7 +42,7 @@ def _fail(msg: str, code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _hydra_main(dcfg: DictConfig) -> str | None:
-    from toylens.train.checkpoint import CheckpointError
+    from toylens.runs.checkpoint import CheckpointError
     from toylens.train.loop import TrainingDiverged, train
 
     hc = HydraConfig.get()

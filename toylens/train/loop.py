@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from toylens.data import Batch, Task, make_task
-from toylens.train import checkpoint as ck
-from toylens.train import fast_forward
-from toylens.train.config import ConfigError, TrainConfig, resolve_device, validate
-from toylens.train.loggers import JsonlLogger, Loggers, WandbLogger
-from toylens.train.model import build_model, model_config_dict
+from toylens.model import fused as fast_forward
+from toylens.model.build import build_model, model_config_dict
+from toylens.runs import checkpoint as ck
+from toylens.runs.config import ConfigError, TrainConfig, resolve_device, validate
+from toylens.runs.loggers import JsonlLogger, Loggers, WandbLogger
 from toylens.train.optim import make_optimizer
 
 

@@ -11,14 +11,28 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from toylens.train.checkpoint import list_checkpoints
-from toylens.train.config import ConfigError, TrainConfig
+from toylens.runs.checkpoint import list_checkpoints
+from toylens.runs.config import ConfigError, TrainConfig
 
 CHANGEABLE = (
     "train.steps", "train.stop_at_eval_loss", "train.eval_every", "train.checkpoint_every",
     "train.keep_last", "train.log_every", "train.progress", "device", "resume", "checkpoint_root",
     "logger.",
 )
+
+
+_GLOBAL_GROUPS = {"experiment", "debug"}  # these may set any key
+
+
+def explicit_keys(overrides: list[str]) -> list[str]:
+    """The config keys a list of Hydra overrides sets (used to reconcile ``resume=``)."""
+    keys = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra"):
+            continue
+        keys.append("" if key in _GLOBAL_GROUPS else key)
+    return keys
 
 
 def _leaves(d: dict, prefix: str = "") -> dict[str, object]:

@@ -139,7 +139,7 @@ def test_model_group_composes_beside_the_training_models(tmp_path):
     assert m == AnalyzeModelConfig(source="pretrained", name="gpt2", path="/x", processing=False)
     with pytest.raises(ConfigCompositionException):
         probe("model=no_pos_2l")  # a training model is not an analyze model
-    from toylens.train.config import register_configs
+    from toylens.runs.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -154,7 +154,7 @@ def test_analyze_yaml_takes_model_pretrained():
     from omegaconf import OmegaConf
 
     from toylens._paths import config_dir
-    from toylens.analyze.report import register_configs
+    from toylens.report.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

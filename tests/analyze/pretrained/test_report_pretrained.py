@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from toylens.analyze.report import AnalyzeConfig
-from toylens.analyze.report_pretrained import make_pretrained_report
+from toylens.report.config import AnalyzeConfig
+from toylens.report.pretrained import make_pretrained_report
 
 CLEAN = ["When Mary and John went to store John gave", "When John and Mary went to store Mary gave"]
 CORRUPTED = ["When Mary and John went to store Mary gave", "When John and Mary went to store John gave"]
@@ -45,7 +45,7 @@ def test_pretrained_report_numbers_equal_direct_calls(tiny_gpt2, tiny_gpt2_dir, 
 
 def test_cli_pretrained_report_and_its_errors(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "gpt2_report"
-    args = [sys.executable, "-m", "toylens.analyze.cli", "model=pretrained", "model.name=gpt2",
+    args = [sys.executable, "-m", "toylens.report.cli", "model=pretrained", "model.name=gpt2",
             f"model.path={tiny_gpt2_dir}", "device=cpu", "progress=false", "analyses=[patching]",
             "patching.kinds=[resid_pre]", "patching.attribution=false",
             f"pairs.clean={json.dumps(CLEAN)}", f"pairs.corrupted={json.dumps(CORRUPTED)}",

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toylens.train import checkpoint as ck
-from toylens.train.checkpoint import CheckpointError
+from toylens.runs import checkpoint as ck
+from toylens.runs.checkpoint import CheckpointError
 
 if TYPE_CHECKING:  # imported lazily: TransformerLens alone takes seconds to import
     import torch
 
     from toylens._compat import HookedTransformer
     from toylens.data import Batch, Task
-    from toylens.train.config import TrainConfig
+    from toylens.runs.config import TrainConfig
 
 # Batches drawn for analysis use their own seeds, far from any training or eval seed.
 ANALYSIS_SEED = 20_240_004
@@ -109,9 +109,9 @@ class Run:
     def model(self, step: int | None = None, *, folded: bool = False, device: str | torch.device = "cpu",
               check_batch: Batch | None = None, tol: float = FOLD_TOL) -> HookedTransformer:
         """The model at ``step`` (default: the last checkpoint), in eval mode, with the task's tokenizer
-        attached (``toylens.analyze.prompts.attach_tokenizer``: ``model.to_tokens("a b c -> c")``).
+        attached (``toylens.runs.tokenizer.attach_tokenizer``: ``model.to_tokens("a b c -> c")``).
 
-        ``folded=True`` folds LayerNorm with ``toylens.analyze.folding.fold``, which compares the
+        ``folded=True`` folds LayerNorm with ``toylens.model.fold.fold``, which compares the
         folded model's log-probs with the original's on ``check_batch`` (default: 256 rows of the
         task) and raises ``FoldCheckError`` when they differ by more than ``tol``.
         """
@@ -132,17 +132,17 @@ class Run:
             raise CheckpointError(f"{wpath}: positional embedding 'none' but W_pos is not zero; the file was "
                                   f"changed after training, use another step")
         model.eval()
-        from toylens.analyze.prompts import attach_tokenizer  # strings in: model.to_tokens("a b c -> c")
+        from toylens.runs.tokenizer import attach_tokenizer  # strings in: model.to_tokens("a b c -> c")
 
         if not folded:
             return attach_tokenizer(model, self.task)
-        from toylens.analyze.folding import fold
+        from toylens.model.fold import fold
 
         batch = check_batch if check_batch is not None else self.batch(FOLD_CHECK_ROWS, device=device)
         return attach_tokenizer(fold(model, batch, tol=tol).model, self.task)
 
     def _build(self, device: str | torch.device) -> HookedTransformer:
-        from toylens.train.model import model_from_config_dict
+        from toylens.model.build import model_from_config_dict
 
         try:
             return model_from_config_dict(self.model_config, device=str(device))
@@ -178,7 +178,7 @@ def load_run(path: str | Path) -> Run:
 def _read_train_config(path: Path) -> TrainConfig:
     from omegaconf import OmegaConf
 
-    from toylens.train.config import ConfigError, TrainConfig
+    from toylens.runs.config import ConfigError, TrainConfig
 
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)

@@ -15,16 +15,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from toylens.analyze.report import INTERVENTIONS, AnalyzeConfig, Note, Report, Section, Table, index_figures
-from toylens.analyze.result import jsonable
-from toylens.train.config import resolve_device
+from toylens.report.build import index_figures
+from toylens.report.config import INTERVENTIONS, AnalyzeConfig
+from toylens.report.page import Note, Report, Section, Table
+from toylens.result import jsonable
+from toylens.runs.config import resolve_device
 
 
 def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Report:
-    from toylens.analyze import report_interventions as ri
     from toylens.analyze.pretrained import hf_equivalence, load_hf, load_pretrained
     from toylens.analyze.prompts import test_prompt
-    from toylens.analyze.report_sections import Context
+    from toylens.report import interventions as ri
+    from toylens.report.sections import Context
 
     m = cfg.model
     device = resolve_device(cfg.device)
@@ -68,6 +70,6 @@ def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Re
 
 def make_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Path:
     """Build and write ``cfg.out`` (index.html, report.json, plotly.min.js) atomically; returns index.html."""
-    from toylens.analyze.report_html import write_report
+    from toylens.report.html import write_report
 
     return write_report(build_pretrained_report(cfg, model, hf_model), Path(cfg.out))

@@ -1,6 +1,6 @@
 """Fold LayerNorm into the weights, and prove on real tokens that nothing changed.
 
-Folding (``toylens.train.model.fold_layer_norm``, i.e. TransformerLens's
+Folding (``toylens.model.build.fold_layer_norm``, i.e. TransformerLens's
 ``load_and_process_state_dict(fold_ln=True, center_writing_weights=True, center_unembed=True)``)
 moves each LayerNorm's ``w``/``b`` into the weights that read from it, so ``W_E W_Q W_K^T W_E^T``
 and friends are the circuits the model really computes. It is supposed to be exact up to float
@@ -24,9 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
-from toylens.analyze.result import Result
-from toylens.data.base import Batch
-from toylens.train.model import fold_layer_norm, positional_embedding_type
+from toylens.model.build import fold_layer_norm, positional_embedding_type
+from toylens.result import Result
 
 FOLDABLE = ("LN", "RMS")
 
@@ -86,7 +85,7 @@ def max_logprob_diff(model_a: HookedTransformer, model_b: HookedTransformer,
     return worst
 
 
-def fold(model: HookedTransformer, batch: Batch | Int[Tensor, "batch pos"], tol: float = 1e-4,
+def fold(model: HookedTransformer, batch: Int[Tensor, "batch pos"], tol: float = 1e-4,
          chunk_size: int = 250, progress: bool = False) -> FoldResult:
     """Fold LayerNorm (LN or RMS) and check the folded model against the original on ``batch``.
 
@@ -94,7 +93,7 @@ def fold(model: HookedTransformer, batch: Batch | Int[Tensor, "batch pos"], tol:
     nothing to fold (``normalization_type`` None, or already LNPre/RMSPre) comes back unchanged,
     with difference 0 and a note. The input model is never modified.
     """
-    tokens = batch.tokens if isinstance(batch, Batch) else batch
+    tokens = getattr(batch, "tokens", batch)  # a toylens Batch or a token tensor
     tokens = tokens.to(model.cfg.device)
     norm = model.cfg.normalization_type
     pos_type = positional_embedding_type(model)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from torch import Tensor
 
 from toylens._compat import HookedTransformer
-from toylens.analyze.ablation_plan import (
+from toylens.analyze.ablation.plan import (
     MODES,
     Job,
     evaluate_jobs,

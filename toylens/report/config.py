@@ -1,35 +1,19 @@
-"""The analysis report of a run: which analyses, on which batches, assembled into one page.
+"""The analyze config (``configs/analyze.yaml``'s schema) and its validation.
 
-    from toylens.analyze.report import AnalyzeConfig, make_report
-    run = toylens.load_run(path)
-    make_report(run, AnalyzeConfig(run=str(path), analyses=["attention", "ablation"]))
-    # -> <run>/report/index.html, report.json, ablation.csv, plotly.min.js
-
-``build_report`` computes (``report_sections`` holds one builder per section), ``write_report``
-(``report_html``) renders and writes atomically, ``log_report`` (``report_wandb``) logs to the
-run's own wandb run. ``AnalyzeConfig`` is the schema of ``configs/analyze.yaml``; ``validate``
-checks what types cannot, raising ``ConfigError`` with one line naming the field and the fix.
-Heavy imports (torch, TransformerLens, plotly) happen inside functions, so the CLI rejects bad
-input in about a second.
+``validate`` checks what types cannot, raising ``ConfigError`` with one line naming the field and the fix.
 """
+
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from omegaconf import MISSING
 
 from toylens.analyze.pretrained import AnalyzeModelConfig, PretrainedError, check_model_config, register_model_configs
-from toylens.analyze.run import ANALYSIS_SEED, FOLD_TOL, Run
-from toylens.train.config import ConfigError, resolve_device
-
-if TYPE_CHECKING:
-    from toylens.analyze.ablation import AblationResult
+from toylens.runs.config import ConfigError
+from toylens.runs.run import ANALYSIS_SEED, FOLD_TOL
 
 # In page order. "circuits" folds the model itself when "fold" is not asked for.
 ANALYSES = ("fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation", "patching", "tracing",
@@ -181,145 +165,6 @@ def validate(cfg: AnalyzeConfig) -> None:
     _need(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be positive, e.g. max_tokens=50")
     _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
           f"device={cfg.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
-
-
-# --- what a report is made of ------------------------------------------------------------------
-@dataclass
-class Figure:
-    """A plotly figure placed on the page; ``name`` is the analysis's own key (``attention/L0H0``)."""
-
-    name: str
-    fig: Any  # plotly.graph_objects.Figure
-    wide: bool = False  # spans the whole page width
-    id: str = ""  # set by Report.add_figure
-
-
-@dataclass
-class Table:
-    columns: list[str]
-    rows: list[list[Any]]
-    caption: str = ""
-    sortable: bool = False
-    highlight: set[int] = field(default_factory=set)  # row indices drawn in bold
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    intro: str  # one or two sentences for students: what the plots mean
-    blocks: list[Any] = field(default_factory=list)  # Figure | Table | Note | str (a paragraph)
-
-
-@dataclass
-class Note:
-    text: str
-    kind: str = "info"  # info | pass | fail | warn
-
-
-@dataclass
-class Report:
-    title: str
-    run_name: str
-    data: dict  # report.json: every number the page shows
-    sections: list[Section] = field(default_factory=list)
-    ablation: AblationResult | None = None
-
-    def figures(self) -> list[Figure]:
-        return [b for s in self.sections for b in s.blocks if isinstance(b, Figure)]
-
-
-# --- building ------------------------------------------------------------------------------------
-def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
-    """Run every analysis in ``cfg.analyses`` on the run's checkpoint and assemble the report.
-
-    ``model``: an already loaded model of ``cfg.step`` (default: ``run.model(cfg.step)``).
-    """
-    from toylens.analyze import report_sections as rs
-
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    step = run.check_step(cfg.step)
-    if model is None:
-        model = run.model(step, device=device)
-    ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
-    from toylens.analyze import report_interventions as ri
-
-    builders = [rs.overview, rs.training] + [getattr(ri if name in INTERVENTIONS else rs, name)
-                                             for name in ANALYSES if name in cfg.analyses]
-    if cfg.over == "checkpoints":
-        from toylens.analyze.report_dynamics import dynamics
-
-        builders.append(dynamics)
-    sections = []
-    t_start = time.perf_counter()
-    for build in builders:
-        t0 = time.perf_counter()
-        if build.__name__ in ANALYSES:
-            _say(cfg, f"{build.__name__} ...")
-        sections.append(build(ctx))
-        ctx.data["timings_s"][build.__name__] = round(time.perf_counter() - t0, 3)
-    ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    ctx.data["highlights"] = rs.highlights(ctx.data)
-    report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
-                    sections=sections, ablation=ctx.ablation)
-    index_figures(report)
-    return report
-
-
-def index_figures(report: Report) -> None:
-    """Give every figure a unique page id and list figures and sections in ``report.data``."""
-    used: set[str] = set()
-    figures = []
-    for section in report.sections:
-        for block in section.blocks:
-            if isinstance(block, Figure):
-                block.id = _unique_id("fig-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
-                figures.append({"id": block.id, "name": block.name, "section": section.id,
-                                "title": _title(block.fig)})
-    report.data["figures"] = figures
-    report.data["sections"] = [{"id": s.id, "title": s.title} for s in report.sections]
-
-
-def _unique_id(base: str, used: set[str]) -> str:
-    name, i = base, 1
-    while name in used:
-        name, i = f"{base}-{i}", i + 1
-    used.add(name)
-    return name
-
-
-def _title(fig) -> str:
-    title = fig.layout.title.text
-    return title or ""
-
-
-def _say(cfg: AnalyzeConfig, msg: str) -> None:
-    if cfg.progress:
-        print(f"toylens-analyze: {msg}", file=sys.stderr, flush=True)
-
-
-def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None = None) -> Path:
-    """Build, write ``<run>/report/`` atomically and (when the run used wandb) log it; returns index.html.
-
-    ``wandb_id``: the run's wandb id (default: read from its last state file when it used wandb).
-    """
-    from toylens.analyze.report_html import write_report
-
-    uses_wandb = cfg.wandb and run.config.logger.name == "wandb"
-    if uses_wandb and wandb_id is None:
-        wandb_id = run.wandb_id()  # read before anything is written: a bad state file fails here
-    report = build_report(run, cfg, model=model)
-    index = write_report(report, run.path / "report")
-    if uses_wandb:
-        from toylens.analyze.report_wandb import log_report
-
-        try:
-            log_report(run, report, index.parent, wandb_id)
-        except Exception as e:  # the report is written; wandb trouble must not lose it
-            print(f"toylens-analyze: warning: wandb logging failed ({' '.join(str(e).split())[:200]}); "
-                  f"the report is in {index.parent}", file=sys.stderr)
-    return index
 
 
 def config_dict(cfg: AnalyzeConfig) -> dict:

@@ -1,7 +1,7 @@
 """Log a written report to the run's own wandb run (the one its training logged to).
 
 The wandb run is resumed by id (``resume="allow"``, ``dir=<run dir>``) through
-``toylens.train.loggers.WandbLogger``, so the mode is decided exactly as in training: ``online``
+``toylens.runs.loggers.WandbLogger``, so the mode is decided exactly as in training: ``online``
 without a login (or with ``WANDB_MODE=offline``) logs offline into ``<run dir>/wandb``. Logged:
 every scalar of report.json as the run summary (``analyze/...`` keys), the ablation ranking as a
 ``wandb.Table`` and the page as ``wandb.Html`` (with plotly.js inlined, so it renders inside wandb).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toylens.analyze.report import Report
-from toylens.analyze.run import Run
+from toylens.report.page import Report
+from toylens.runs.run import Run
 
 SUMMARY_PREFIX = "analyze/"
 
@@ -34,8 +34,8 @@ def log_report(run: Run, report: Report, report_dir: Path, wandb_id: str | None)
     """Log ``report`` to the run's wandb run; returns the wandb run id used."""
     from plotly.offline import get_plotlyjs
 
-    from toylens.analyze.report_html import render
-    from toylens.train.loggers import WandbLogger
+    from toylens.report.html import render
+    from toylens.runs.loggers import WandbLogger
 
     logger = WandbLogger(run.config.logger, run.path, run.config.to_dict(), resume_id=wandb_id)
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from toylens.analyze.report import Figure, Note, Section, Table
-from toylens.analyze.result import jsonable
+from toylens.report.page import Figure, Note, Section, Table
+from toylens.result import jsonable
 
 
 def _style(fig, height: int = 380):

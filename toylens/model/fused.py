@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from toylens._compat import HookedTransformer
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
 
 _ACTS = {
     "relu": F.relu,

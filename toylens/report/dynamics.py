@@ -7,8 +7,8 @@ import sys
 
 import plotly.graph_objects as go
 
-from toylens.analyze.report import Figure, Note, Section, Table
-from toylens.analyze.result import jsonable
+from toylens.report.page import Figure, Note, Section, Table
+from toylens.result import jsonable
 
 
 def dynamics(ctx) -> Section:

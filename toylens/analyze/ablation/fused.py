@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toylens._compat import HookedTransformer
-from toylens.analyze.ablation_plan import Job, evaluate_jobs, masked_positions, nll_and_correct
+from toylens.analyze.ablation.plan import Job, evaluate_jobs, masked_positions, nll_and_correct
 from toylens.data.base import Batch
-from toylens.train.fast_forward import _ACTS, supports
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.model.fused import _ACTS, supports
 
 Observer = Callable[[str, Tensor], None]
 

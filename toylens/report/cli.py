@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from toylens._paths import config_dir
-from toylens.analyze.report import register_configs
-from toylens.train.config import ConfigError
+from toylens.report.config import register_configs
+from toylens.runs.config import ConfigError
 
 
 def _fail_or_raise(e: Exception, code: int, multirun: bool) -> None:
@@ -37,9 +37,10 @@ def _fail(msg: str, code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="analyze")
 def _hydra_main(dcfg: DictConfig) -> str | None:
-    from toylens.analyze.report import make_report, validate
-    from toylens.analyze.run import RunError, load_run
-    from toylens.train.checkpoint import CheckpointError
+    from toylens.report.build import make_report
+    from toylens.report.config import validate
+    from toylens.runs.checkpoint import CheckpointError
+    from toylens.runs.run import RunError, load_run
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -55,7 +56,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
         run.check_step(cfg.step)
     except (ConfigError, RunError) as e:
         _fail_or_raise(e, 2, multirun)
-    from toylens.analyze.folding import FoldCheckError  # TransformerLens: seconds, so only past the input checks
+    from toylens.model.fold import FoldCheckError  # TransformerLens: seconds, so only past the input checks
 
     try:
         index = make_report(run, cfg)
@@ -72,7 +73,7 @@ def _pretrained(cfg, multirun: bool) -> str:
     """model=pretrained: the intervention report of a pretrained model on cfg.pairs, written to cfg.out."""
     from toylens.analyze.pretrained import PretrainedError
     from toylens.analyze.prompts import PromptError
-    from toylens.analyze.report_pretrained import make_pretrained_report
+    from toylens.report.pretrained import make_pretrained_report
 
     try:
         index = make_pretrained_report(cfg)

@@ -11,10 +11,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from toylens.analyze.patching_kinds import Kind, hook_name
+from toylens.analyze.patching.kinds import Kind, hook_name
 
 if TYPE_CHECKING:
-    from toylens.analyze.patching_engine import Context
+    from toylens.analyze.patching.context import Context
 
 _LP = ("layer", "pos")
 

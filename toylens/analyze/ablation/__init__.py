@@ -31,13 +31,12 @@ import plotly.graph_objects as go
 import torch
 
 from toylens._compat import HookedTransformer
-from toylens.analyze import ablation_fused as fused
-from toylens.analyze import ablation_hooked as hooked_runner
-from toylens.analyze import ablation_plan as plan
-from toylens.analyze.ablation_plan import HEAD_LABEL, MODES
-from toylens.analyze.result import Result
+from toylens.analyze.ablation import fused, plan
+from toylens.analyze.ablation import hooked as hooked_runner
+from toylens.analyze.ablation.plan import HEAD_LABEL, MODES
 from toylens.data.base import Batch
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.result import Result
 
 __all__ = ["MODES", "AblationResult", "AblationRow", "SkippedHook", "ablate_every_hook"]
 

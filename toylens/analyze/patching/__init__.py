@@ -51,8 +51,8 @@ from toylens._compat import HookedTransformer
 from toylens.analyze import plots
 from toylens.analyze.metrics import Metric, get_metric, metric_name, normalized
 from toylens.analyze.pairs import PromptPairs
-from toylens.analyze.patching_engine import KINDS, Context, Kind, PatchingError, n_heads_for, run_sweep
-from toylens.analyze.result import Result
+from toylens.analyze.patching.engine import KINDS, Context, Kind, PatchingError, n_heads_for, run_sweep
+from toylens.result import Result
 
 __all__ = ["ALL_KINDS", "EVERY", "KINDS", "PatchingError", "PatchingResult", "patch", "patch_attn_out",
            "patch_block_every", "patch_head_all_pos_every", "patch_head_by_pos_every", "patch_mlp_out",

@@ -13,10 +13,11 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from toylens.analyze.report import AnalyzeConfig, Figure, Note, Section, Table, config_dict
-from toylens.analyze.result import jsonable
-from toylens.analyze.run import Run
-from toylens.train.model import positional_embedding_type
+from toylens.model.build import positional_embedding_type
+from toylens.report.config import AnalyzeConfig, config_dict
+from toylens.report.page import Figure, Note, Section, Table
+from toylens.result import jsonable
+from toylens.runs.run import Run
 
 TRAIN_CURVES = ("train/loss", "eval/loss", "eval/accuracy")
 
@@ -131,8 +132,8 @@ def training(ctx: Context) -> Section:
 
 # --- fold ----------------------------------------------------------------------------------------
 def _run_fold(ctx: Context) -> dict:
-    from toylens.analyze.folding import FoldCheckError
-    from toylens.analyze.folding import fold as fold_fn
+    from toylens.model.fold import FoldCheckError
+    from toylens.model.fold import fold as fold_fn
 
     tol = ctx.cfg.fold_tol
     try:  # tol=inf: fold always returns its measurement; pass/fail is decided here, against fold_tol

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from toylens.analyze.report import Figure, Note, Report, Table
+from toylens.report.page import Figure, Note, Report, Table
 
 PLOTLY_JS = "plotly.min.js"
 

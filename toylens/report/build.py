@@ -1,0 +1,117 @@
+"""The analysis report of a run: which analyses, on which batches, assembled into one page.
+
+    from toylens.report import AnalyzeConfig, make_report
+    run = toylens.load_run(path)
+    make_report(run, AnalyzeConfig(run=str(path), analyses=["attention", "ablation"]))
+    # -> <run>/report/index.html, report.json, ablation.csv, plotly.min.js
+
+``build_report`` computes (``report.sections`` holds one builder per section), ``write_report``
+(``report.html``) renders and writes atomically, ``log_report`` (``report.wandb_log``) logs to the
+run's own wandb run. ``AnalyzeConfig`` is the schema of ``configs/analyze.yaml``; ``validate``
+checks what types cannot, raising ``ConfigError`` with one line naming the field and the fix.
+Heavy imports (torch, TransformerLens, plotly) happen inside functions, so the CLI rejects bad
+input in about a second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from toylens.report.config import ANALYSES, INTERVENTIONS, AnalyzeConfig, validate
+from toylens.report.page import Figure, Report
+from toylens.runs.config import resolve_device
+from toylens.runs.run import Run
+
+
+def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
+    """Run every analysis in ``cfg.analyses`` on the run's checkpoint and assemble the report.
+
+    ``model``: an already loaded model of ``cfg.step`` (default: ``run.model(cfg.step)``).
+    """
+    from toylens.report import sections as rs
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    step = run.check_step(cfg.step)
+    if model is None:
+        model = run.model(step, device=device)
+    ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
+    from toylens.report import interventions as ri
+
+    builders = [rs.overview, rs.training] + [getattr(ri if name in INTERVENTIONS else rs, name)
+                                             for name in ANALYSES if name in cfg.analyses]
+    if cfg.over == "checkpoints":
+        from toylens.report.dynamics import dynamics
+
+        builders.append(dynamics)
+    sections = []
+    t_start = time.perf_counter()
+    for build in builders:
+        t0 = time.perf_counter()
+        if build.__name__ in ANALYSES:
+            _say(cfg, f"{build.__name__} ...")
+        sections.append(build(ctx))
+        ctx.data["timings_s"][build.__name__] = round(time.perf_counter() - t0, 3)
+    ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    ctx.data["highlights"] = rs.highlights(ctx.data)
+    report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
+                    sections=sections, ablation=ctx.ablation)
+    index_figures(report)
+    return report
+
+
+def index_figures(report: Report) -> None:
+    """Give every figure a unique page id and list figures and sections in ``report.data``."""
+    used: set[str] = set()
+    figures = []
+    for section in report.sections:
+        for block in section.blocks:
+            if isinstance(block, Figure):
+                block.id = _unique_id("fig-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
+                figures.append({"id": block.id, "name": block.name, "section": section.id,
+                                "title": _title(block.fig)})
+    report.data["figures"] = figures
+    report.data["sections"] = [{"id": s.id, "title": s.title} for s in report.sections]
+
+
+def _unique_id(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}-{i}", i + 1
+    used.add(name)
+    return name
+
+
+def _title(fig) -> str:
+    title = fig.layout.title.text
+    return title or ""
+
+
+def _say(cfg: AnalyzeConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"toylens-analyze: {msg}", file=sys.stderr, flush=True)
+
+
+def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None = None) -> Path:
+    """Build, write ``<run>/report/`` atomically and (when the run used wandb) log it; returns index.html.
+
+    ``wandb_id``: the run's wandb id (default: read from its last state file when it used wandb).
+    """
+    from toylens.report.html import write_report
+
+    uses_wandb = cfg.wandb and run.config.logger.name == "wandb"
+    if uses_wandb and wandb_id is None:
+        wandb_id = run.wandb_id()  # read before anything is written: a bad state file fails here
+    report = build_report(run, cfg, model=model)
+    index = write_report(report, run.path / "report")
+    if uses_wandb:
+        from toylens.report.wandb_log import log_report
+
+        try:
+            log_report(run, report, index.parent, wandb_id)
+        except Exception as e:  # the report is written; wandb trouble must not lose it
+            print(f"toylens-analyze: warning: wandb logging failed ({' '.join(str(e).split())[:200]}); "
+                  f"the report is in {index.parent}", file=sys.stderr)
+    return index
