@@ -76,8 +76,9 @@ def test_report_folder_is_complete_and_offline(written):
                  "dla/per_pos", "logit_lens/loss", "neurons/layer0_frequency", "neurons/dead", "ablation/ranked"):
         assert name in names, name
     assert [s["id"] for s in data["sections"]] == ["model", "training", "fold", "attention", "circuits", "dla",
-                                                    "logit_lens", "neurons", "ablation", "patching", "tracing",
-                                                    "task_vectors"]
+                                                    "logit_lens", "neurons", "ablation", "patching", "tracing"]
+    assert [lo["analysis"] for lo in data["left_out"]] == ["task_vectors"] and data["errors"] == []
+    assert 'data-analysis="task_vectors"' in page and "left out: task vectors need a run of the icl task" in page
     for s in data["sections"]:
         assert f'<section id="{s["id"]}">' in page and f'href="#{s["id"]}"' in page  # table of contents
 
@@ -206,17 +207,27 @@ def test_failed_write_keeps_the_previous_report(trained, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # the old one is gone
 
 
-def test_failed_analysis_writes_nothing(trained, tmp_path, monkeypatch):
+def test_failed_analysis_is_shown_and_the_rest_is_written(trained, tmp_path, monkeypatch):
+    """One analysis that raises becomes a section holding its error; the others are still computed and
+    the report is written. strict=true then makes make_report raise (the CLI's exit 1), after writing."""
+    from toylens.report.build import AnalysisFailed
+
     run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("report")))
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
 
     def boom(ctx):
         raise RuntimeError("analysis crashed")
 
     monkeypatch.setattr(report_sections, "neurons", boom)
-    with pytest.raises(RuntimeError, match="analysis crashed"):
-        make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"]))
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    index = make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"]))
+    data = json.loads((index.parent / "report.json").read_text())
+    assert data["errors"] == [{"analysis": "neurons", "error": "RuntimeError: analysis crashed"}]
+    assert data["neurons"] == {"error": "RuntimeError: analysis crashed"} and "scores_by_head" in data["attention"]
+    page = index.read_text()
+    assert "FAILED: RuntimeError: analysis crashed" in page and 'id="fig-attention-L0H0"' in page
+    index.unlink()
+    with pytest.raises(AnalysisFailed, match="1 analysis.*failed.*analysis crashed"):
+        make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"], strict=True))
+    assert index.exists()  # written before the strict check
 
 
 def test_failed_fold_check_is_shown_not_hidden(trained, tmp_path, monkeypatch):
@@ -313,14 +324,17 @@ def test_intervention_sections_equal_direct_calls(written):
     assert p["attribution_correlation"]["resid_pre"] == pytest.approx(
         correlation(attr["block_every"].sub("resid_pre"), exact.sub("resid_pre")), abs=1e-6)
     n = cfg.tracing.prompts
-    noise = torch.arange(pairs.n_pos)[None, :] < pairs.answer_pos[:n, None]
+    before = torch.arange(pairs.n_pos)[None, :] < pairs.answer_pos[:n, None]
+    noise = (pairs.clean[:n] != pairs.corrupted[:n]) & before  # the positions the pairs differ in
+    assert bool(noise.any(-1).all()) and not bool(noise[before].all())
+    assert data["tracing"]["every_position_noised"] is False
     tr = causal_trace(model, pairs.clean[:n], pairs.answer_pos[:n], pairs.answers[:n, 0, 0], noise,
                       n_samples=cfg.tracing.n_samples, seed=cfg.tracing.seed, progress=False)
     assert data["tracing"]["clean"] == pytest.approx(tr.clean, abs=1e-6)
     assert data["tracing"]["noised"] == pytest.approx(tr.noised, abs=1e-6)
     for kind, v in tr.values.items():
         assert torch.allclose(torch.tensor(data["tracing"]["values"][kind]), v.float(), atol=1e-6), kind
-    assert "icl" in data["task_vectors"]["skipped"] and "Skipped: task vectors need" in page
+    assert "task_vectors" not in data and "left out: task vectors need a run of the icl task" in page
 
 
 def test_task_vector_section_equals_direct_calls(tmp_path, tiny_run):

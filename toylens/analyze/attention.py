@@ -16,6 +16,12 @@ Head-type scores (each in [0, 1]: a score sums attention weights, and a row of a
   query's token, ``key_pos = j + 1`` with ``tokens[j] == tokens[query_pos]`` and
   ``key_pos < query_pos`` (strictly earlier, so the query itself never counts), over queries that
   have at least one such key.
+
+Positional shortcuts: ``offset_attention[layer, head, d]`` is the mean attention from each scored
+query (the task's loss-masked positions; every query >= 1 without a mask) to ``key_pos = query_pos - d``.
+A head that puts at least ``FIXED_OFFSET_MIN`` of it on one offset attends by position, whatever the
+tokens: when the task's layout puts (say) the induction key at that same offset, the head's
+induction score measures the layout, not token content (``fixed_offsets`` says which heads).
 """
 
 from __future__ import annotations
@@ -33,6 +39,19 @@ from toylens.data.base import Batch
 from toylens.result import Result
 
 SCORE_NAMES = ("previous_token", "current_token", "first_token", "duplicate_token", "induction")
+CONTENT_SCORES = ("duplicate_token", "induction")  # defined by token content, not by position
+FIXED_OFFSET_MIN = 0.5  # share of a head's attention on one relative offset that makes it positional
+
+
+def offset_sums(pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+                weights: Float[Tensor, "batch query_pos"]) -> Float[Tensor, "head_index offset"]:
+    """``sum over rows and queries of weights[r, q] * pattern[r, h, q, q - d]`` for every offset d."""
+    n = pattern.shape[-1]
+    out = pattern.new_zeros(pattern.shape[1], n)
+    for d in range(n):
+        diag = torch.diagonal(pattern, offset=-d, dim1=2, dim2=3)  # [batch, head, n - d]: queries d..n-1
+        out[:, d] = (diag * weights[:, None, d:]).sum(dim=(0, 2))
+    return out
 
 
 def score_masks(tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
@@ -90,12 +109,22 @@ class AttentionResult(Result):
     head_labels: list[str]
     n_rows: int
     score_counts: dict[str, int] = field(default_factory=dict)
+    offset_attention: Float[Tensor, "layer head_index offset"] | None = None
+
+    def fixed_offsets(self, min_share: float = FIXED_OFFSET_MIN) -> dict[str, dict]:
+        """Heads whose attention sits on one relative offset: label -> {offset, share} (share >= min_share)."""
+        if self.offset_attention is None:
+            return {}
+        share, offset = self.offset_attention.reshape(len(self.head_labels), -1).max(-1)
+        return {label: {"offset": int(offset[i]), "share": float(share[i])}
+                for i, label in enumerate(self.head_labels) if float(share[i]) >= min_share}
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["scores_by_head"] = {
             label: {name: float(s.reshape(-1)[i]) for name, s in self.scores.items()}
             for i, label in enumerate(self.head_labels)}
+        d["fixed_offsets"] = self.fixed_offsets()
         return d
 
     def figures(self) -> dict:
@@ -122,23 +151,32 @@ class AttentionResult(Result):
 @torch.no_grad()
 def attention_patterns(model: HookedTransformer, batch: Batch | Int[Tensor, "batch pos"],
                        chunk_size: int = 250, progress: bool = False) -> AttentionResult:
-    """Mean attention pattern per head and head-type scores over ``batch`` (every row, every query)."""
+    """Mean attention pattern per head and head-type scores over ``batch`` (every row, every query),
+    and each head's attention per relative offset over the scored queries (``batch.loss_mask``)."""
     tokens = batch.tokens if isinstance(batch, Batch) else batch
     tokens = tokens.to(model.cfg.device)
+    if isinstance(batch, Batch) and bool(batch.loss_mask.any()):
+        weights = batch.loss_mask.to(tokens.device, torch.float32)
+    else:
+        weights = torch.ones(tokens.shape, device=tokens.device)
+        weights[:, 0] = 0.0  # query 0 can only attend to itself
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_rows, n_pos = tokens.shape
     pattern_sum = torch.zeros(n_layers, n_heads, n_pos, n_pos, device=tokens.device)
     sums = {name: torch.zeros(n_layers, n_heads, device=tokens.device) for name in SCORE_NAMES}
     counts = {name: torch.zeros(n_layers, device=tokens.device) for name in SCORE_NAMES}
+    offsets = torch.zeros(n_layers, n_heads, n_pos, device=tokens.device)
 
     for start in tqdm(range(0, n_rows, chunk_size), disable=not progress, desc="attention"):
         rows = tokens[start:start + chunk_size]
         masks = score_masks(rows)
+        w = weights[start:start + chunk_size]
 
-        def hook(pattern, hook, rows=rows, masks=masks):
+        def hook(pattern, hook, rows=rows, masks=masks, w=w):
             layer = hook.layer()
             pattern = pattern.float()
             pattern_sum[layer] += pattern.sum(0)
+            offsets[layer] += offset_sums(pattern, w)
             for name, (s, c) in head_score_sums(pattern, rows, masks).items():
                 sums[name][layer] += s
                 counts[name][layer] += c
@@ -155,4 +193,32 @@ def attention_patterns(model: HookedTransformer, batch: Batch | Int[Tensor, "bat
         head_labels=[f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)],
         n_rows=n_rows,
         score_counts={name: int(counts[name][0]) for name in SCORE_NAMES},
+        offset_attention=(offsets / weights.sum().clamp(min=1)).cpu(),
     )
+
+
+def shuffle_tokens(batch: Batch, seed: int = 0) -> Batch:
+    """``batch`` with positions 1.. of each row permuted at random (position 0, the layout and the loss
+    mask kept): repeats and other token structure are gone, positions are not."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n = batch.tokens.shape
+    perm = torch.rand(b, n - 1, generator=gen).argsort(-1).to(batch.tokens.device) + 1
+    tokens = torch.cat([batch.tokens[:, :1], batch.tokens.gather(1, perm)], dim=1)
+    return Batch(tokens, batch.targets, batch.loss_mask)
+
+
+def positional_shortcuts(model: HookedTransformer, batch: Batch, result: AttentionResult, chunk_size: int = 250,
+                         progress: bool = False, seed: int = 0) -> dict[str, dict]:
+    """The heads of ``result.fixed_offsets()`` that keep the same offset when the tokens are shuffled
+    (``shuffle_tokens``): their attention is explained by position, not token content.
+
+    label -> {offset, share, share_shuffled}; a head that loses its offset without the token structure
+    (a real induction head, say) is not listed.
+    """
+    fixed = result.fixed_offsets()
+    if not fixed:
+        return {}
+    control = attention_patterns(model, shuffle_tokens(batch, seed), chunk_size=chunk_size, progress=progress)
+    again = control.fixed_offsets()
+    return {label: {**f, "share_shuffled": again[label]["share"]}
+            for label, f in fixed.items() if label in again and again[label]["offset"] == f["offset"]}

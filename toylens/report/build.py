@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from toylens.report.config import ANALYSES, INTERVENTIONS, AnalyzeConfig, validate
+from toylens.report.glance import highlights
 from toylens.report.page import Figure, Report
 from toylens.runs.config import resolve_device
 from toylens.runs.run import Run
@@ -40,26 +41,54 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
     from toylens.report import interventions as ri
 
-    builders = [rs.overview, rs.training] + [getattr(ri if name in INTERVENTIONS else rs, name)
-                                             for name in ANALYSES if name in cfg.analyses]
+    builders = [("overview", rs.overview), ("training", rs.training)] + [
+        (name, getattr(ri if name in INTERVENTIONS else rs, name)) for name in ANALYSES if name in cfg.analyses]
     if cfg.over == "checkpoints":
         from toylens.report.dynamics import dynamics
 
-        builders.append(dynamics)
-    sections = []
-    t_start = time.perf_counter()
-    for build in builders:
-        t0 = time.perf_counter()
-        if build.__name__ in ANALYSES:
-            _say(cfg, f"{build.__name__} ...")
-        sections.append(build(ctx))
-        ctx.data["timings_s"][build.__name__] = round(time.perf_counter() - t0, 3)
-    ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    ctx.data["highlights"] = rs.highlights(ctx.data)
+        builders.append(("dynamics", dynamics))
+    sections = run_builders(ctx, builders)
+    ctx.data["highlights"] = highlights(ctx)
     report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
                     sections=sections, ablation=ctx.ablation)
     index_figures(report)
     return report
+
+
+def run_builders(ctx, builders: list) -> list:
+    """Each builder's section, in order (``builders``: (analysis name, builder) pairs). An analysis
+    that does not apply to the model is left out (``ctx.data["left_out"]``: its name and a one-line
+    reason, listed in the page's contents); one that fails becomes a section holding its error
+    (``ctx.data["errors"]``), and the rest still run."""
+    from toylens.report.applies import failed_section, left_out_reason
+
+    sections = []
+    ctx.data.setdefault("left_out", [])
+    ctx.data.setdefault("errors", [])
+    t_start = time.perf_counter()
+    for name, build in builders:
+        t0 = time.perf_counter()
+        try:
+            why = left_out_reason(name, ctx)
+        except Exception as e:  # e.g. prompt pairs that cannot be tokenized
+            why, section = None, failed_section(ctx, name, e)
+        else:
+            section = None
+        if why:
+            ctx.data["left_out"].append({"analysis": name, "reason": why})
+            continue
+        if section is None:
+            if name in ANALYSES:
+                _say(ctx.cfg, f"{name} ...")
+            try:
+                section = build(ctx)
+            except Exception as e:  # one failed analysis must not lose the others (KeyboardInterrupt still stops)
+                section = failed_section(ctx, name, e)
+                _say(ctx.cfg, f"{name} failed: {ctx.data['errors'][-1]['error']}")
+        sections.append(section)
+        ctx.data["timings_s"][name] = round(time.perf_counter() - t0, 3)
+    ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    return sections
 
 
 def index_figures(report: Report) -> None:
@@ -114,4 +143,17 @@ def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None =
         except Exception as e:  # the report is written; wandb trouble must not lose it
             print(f"toylens-analyze: warning: wandb logging failed ({' '.join(str(e).split())[:200]}); "
                   f"the report is in {index.parent}", file=sys.stderr)
+    check_strict(cfg, report.data, index)
     return index
+
+
+class AnalysisFailed(RuntimeError):
+    """``strict=true`` and an analysis failed; the report (with the error in its section) is written."""
+
+
+def check_strict(cfg: AnalyzeConfig, data: dict, index: Path) -> None:
+    errors = data.get("errors", [])
+    if cfg.strict and errors:
+        first = errors[0]
+        raise AnalysisFailed(f"{len(errors)} analysis(es) failed (strict=true), first {first['analysis']}: "
+                             f"{first['error']}; the report is {index}")

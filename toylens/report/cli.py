@@ -37,7 +37,7 @@ def _fail(msg: str, code: int) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="analyze")
 def _hydra_main(dcfg: DictConfig) -> str | None:
-    from toylens.report.build import make_report
+    from toylens.report.build import AnalysisFailed, make_report
     from toylens.report.config import validate
     from toylens.runs.checkpoint import CheckpointError
     from toylens.runs.run import RunError, load_run
@@ -62,7 +62,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
         index = make_report(run, cfg)
     except (ConfigError, RunError) as e:  # e.g. device=cuda without CUDA, model_config.json unusable
         _fail_or_raise(e, 2, multirun)
-    except (CheckpointError, FoldCheckError) as e:  # unreadable or tampered checkpoint files
+    except (CheckpointError, FoldCheckError, AnalysisFailed) as e:  # unreadable checkpoint; strict=true failure
         _fail_or_raise(e, 1, multirun)
     print(f"toylens-analyze: report of {run.name} (step {run.check_step(cfg.step)}):", file=sys.stderr)
     print(index)

@@ -101,6 +101,7 @@ class AnalyzeConfig:
     max_tokens: int = 50  # QK/OV token heatmaps show the first max_tokens tokens of the vocabulary
     progress: bool = True  # tqdm bars on stderr
     wandb: bool = True  # log to the run's wandb run when it was trained with logger=wandb
+    strict: bool = False  # exit 1 (after writing the report) when any analysis failed; false: exit 0
 
 
 def register_configs() -> None:

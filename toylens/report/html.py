@@ -39,6 +39,9 @@ nav.toc { position:sticky; top:0; width:220px; flex:none; padding:20px 16px; fon
           max-height:100vh; overflow:auto; }
 nav.toc h2 { font-size:13px; text-transform:uppercase; letter-spacing:.05em; color:var(--muted); margin:0 0 8px; }
 nav.toc ol { margin:0; padding-left:20px; } nav.toc a { color:var(--accent); text-decoration:none; }
+nav.toc li.left-out { color:var(--muted); list-style-type:circle; font-size:12px; }
+nav.toc li.left-out span { display:block; }
+figure.tl-fig figcaption { font-size:14px; font-weight:600; padding:4px 8px 0; min-height:22px; }
 main { flex:1; min-width:0; padding:12px 32px 40px 8px; }
 section { background:#fff; border:1px solid var(--line); border-radius:8px; padding:16px 20px; margin:16px 0; }
 section h2 { margin:0 0 6px; font-size:19px; }
@@ -164,10 +167,31 @@ def _script_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
 
 
-def _figure_json(fig) -> dict:
+MODEBAR_PX = 34  # plotly's toolbar sits in the top right corner of the figure: keep plots below it
+
+
+def _figure_json(fig) -> tuple[dict, str]:
+    """(the figure's data and layout, its title). The title is taken out of the figure and shown as
+    the figure's caption above it, so plotly's toolbar never covers it; the top margin leaves room
+    for the toolbar (more when subplot titles sit above the plots)."""
     spec = json.loads(fig.to_json())
-    spec.get("layout", {}).pop("template", None)  # one shared template for the page instead
-    return {"data": spec.get("data", []), "layout": spec.get("layout", {})}
+    layout = spec.get("layout", {})
+    layout.pop("template", None)  # one shared template for the page instead
+    title = layout.pop("title", {}) or {}
+    text = title.get("text", "") if isinstance(title, dict) else str(title)
+    above = [a for a in layout.get("annotations", []) if a.get("yref") == "paper" and a.get("y", 0) >= 1]
+    margin = layout.setdefault("margin", {})
+    margin["t"] = MODEBAR_PX + (24 if above else 0)
+    if "height" in layout:  # the caption now holds the title: keep the plot area as it was
+        layout["height"] = max(200, layout["height"] - 20)
+    return {"data": spec.get("data", []), "layout": layout}, text
+
+
+def _plain(title: str) -> str:
+    """A plotly title as text: its <br> as a space, other tags dropped."""
+    import re
+
+    return re.sub(r"<[^>]+>", "", re.sub(r"<br\s*/?>", " ", title or ""))
 
 
 def _blocks(blocks: list, data_scripts: list[str]) -> str:
@@ -180,11 +204,11 @@ def _blocks(blocks: list, data_scripts: list[str]) -> str:
 
     for b in blocks:
         if isinstance(b, Figure):
-            data_scripts.append(f'<script type="application/json" id="data-{b.id}">'
-                                f"{_script_json(_figure_json(b.fig))}</script>")
+            spec, title = _figure_json(b.fig)
+            data_scripts.append(f'<script type="application/json" id="data-{b.id}">{_script_json(spec)}</script>')
             wide = " wide" if b.wide else ""
-            grid.append(f'<figure class="tl-fig{wide}"><div class="tl-plot" id="{b.id}" '
-                        f'data-name="{html.escape(b.name)}"></div></figure>')
+            grid.append(f'<figure class="tl-fig{wide}"><figcaption>{html.escape(_plain(title))}</figcaption>'
+                        f'<div class="tl-plot" id="{b.id}" data-name="{html.escape(b.name)}"></div></figure>')
             continue
         flush()
         if isinstance(b, Table):
@@ -205,15 +229,22 @@ def render(report: Report, plotly_js: str | None = None) -> str:
     data = report.data
     data_scripts: list[str] = []
     glance = data.get("highlights", {})
-    rows = [[k, v] for k, v in glance.items() if k not in ("top ablations", "previous_token_head")]
-    for i, r in enumerate(glance.get("top ablations", []), 1):
-        rows.append([f"ablation #{i}", f"{r['hook']} ({r['mode']}): loss {fmt(r['loss'])}, Δ {fmt(r['delta_loss'])}"])
+    if "rows" in glance:
+        rows = glance["rows"]
+    else:
+        rows = [[k, v] for k, v in glance.items() if k not in ("top ablations", "previous_token_head")]
+        for i, r in enumerate(glance.get("top ablations", []), 1):
+            rows.append([f"ablation #{i}", f"{r['hook']} ({r['mode']}): loss {fmt(r['loss'])}, "
+                                           f"Δ {fmt(r['delta_loss'])}"])
     parts = ['<section id="glance"><h2>At a glance</h2>', _table(Table(["", "value"], rows)), "</section>"]
     toc = ['<li><a href="#glance">At a glance</a></li>']
     for n, s in enumerate(report.sections, 1):
         toc.append(f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>')
         parts.append(f'<section id="{s.id}"><h2>{n}. {html.escape(s.title)}</h2>'
                      f'<p class="intro">{html.escape(s.intro)}</p>{_blocks(s.blocks, data_scripts)}</section>')
+    for lo in data.get("left_out", []):  # analyses that do not apply to this model: named, with the reason
+        toc.append(f'<li class="left-out" data-analysis="{html.escape(lo["analysis"])}">{html.escape(lo["analysis"])}'
+                   f' <span>left out: {html.escape(lo["reason"])}</span></li>')
     run = data.get("run", {})
     template = pio.templates[pio.templates.default].to_plotly_json()
     if plotly_js is None:
@@ -221,7 +252,7 @@ def render(report: Report, plotly_js: str | None = None) -> str:
     else:
         plotly_tag = f"<script>{plotly_js}</script>"
     task = run.get("task", {}).get("name", "?")
-    sub = f"{run.get('path', '')} · checkpoint step {run.get('step', '?')} · task {task}"
+    sub = data.get("header") or f"{run.get('path', '')} · checkpoint step {run.get('step', '?')} · task {task}"
     total = data.get("timings_s", {}).get("total")
     return "".join([
         '<!doctype html><html lang="en"><head><meta charset="utf-8">',

@@ -14,6 +14,25 @@ import torch
 from toylens.report.page import Figure, Note, Section, Table
 from toylens.result import jsonable
 
+MIN_CELLS = 10  # a correlation over fewer cells is shown with a caution, not as a finding
+
+
+def applicable_kinds(model, kinds: list[str]) -> tuple[list[str], list[str]]:
+    """(the patching kinds this model has, one line per kind left out or changed). An attention-only
+    model has no mlp_out or resid_mid; its block_every is patched as resid_pre and attn_out."""
+    if not model.cfg.attn_only:
+        return list(kinds), []
+    out, dropped = [], []
+    for k in kinds:
+        if k in ("mlp_out", "resid_mid"):
+            dropped.append(f"{k} (the model is attention-only: it has no MLP)")
+        elif k == "block_every":
+            out += [p for p in ("resid_pre", "attn_out") if p not in kinds and p not in out]
+            dropped.append("block_every's mlp_out (attention-only model); its resid_pre and attn_out are patched")
+        elif k not in out:
+            out.append(k)
+    return out, dropped
+
 
 def _style(fig, height: int = 380):
     fig.update_layout(height=height, margin=dict(l=60, r=20, t=56, b=50), title_font_size=14, title_x=0.02)
@@ -76,7 +95,9 @@ def patching(ctx) -> Section:
         return _skipped(ctx, section, pairs)
     section.blocks.append(_pairs_table(pairs))
     context = patching_context(ctx.model, pairs, cfg.metric)
-    kinds = [k for k in cfg.kinds if not (ctx.model.cfg.attn_only and k in ("resid_mid", "mlp_out"))]
+    kinds, dropped = applicable_kinds(ctx.model, cfg.kinds)
+    if dropped:
+        section.blocks.append(Note("Left out: " + "; ".join(dropped) + ".", "info"))
     results = {k: patch(ctx.model, pairs, k, cfg.metric, progress=ctx.cfg.progress, context=context) for k in kinds}
     data = {"metric": cfg.metric, "n_pairs": pairs.batch_size, "sweeps": {k: jsonable(r.to_dict())
                                                                           for k, r in results.items()}}
@@ -98,10 +119,14 @@ def patching(ctx) -> Section:
             for t in types:
                 e, x = (est, exact) if t is None else (est.sub(t), exact.sub(t))
                 corr[e.kind] = correlation(e, x)
-                rows.append([e.kind, corr[e.kind]])
+                n_cells = x.values.numel()
+                caution = f"only {n_cells} cells: too few to judge" if n_cells < MIN_CELLS else ""
+                rows.append([e.kind, corr[e.kind], n_cells, caution])
         data["attribution_correlation"] = corr
-        section.blocks.append(Table(["sweep", "correlation: attribution vs exact patching"], rows,
-                                    caption="Pearson correlation over all cells of each sweep"))
+        data["attribution_cells"] = {r[0]: r[2] for r in rows}
+        section.blocks.append(Table(["sweep", "correlation: attribution vs exact patching", "cells", "caution"],
+                                    rows, caption=f"Pearson correlation over all cells of each sweep (a correlation "
+                                                  f"over fewer than {MIN_CELLS} cells is not a finding)"))
     ctx.data["patching"] = data
     return section
 
@@ -121,21 +146,47 @@ def tracing(ctx) -> Section:
         return _skipped(ctx, section, pairs)
     n = min(cfg.prompts, pairs.batch_size)
     tokens, answer_pos = pairs.clean[:n], pairs.answer_pos[:n]
-    if cfg.noise:
-        noise = list(cfg.noise)
-    else:  # every position before the answer position
-        noise = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < answer_pos[:, None]
+    noise, how, every = trace_noise(pairs, n, list(cfg.noise))
     kinds = [k for k in cfg.kinds if not (ctx.model.cfg.attn_only and k == "mlp")]
     res = causal_trace(ctx.model, tokens, answer_pos, pairs.answers[:n, 0, 0], noise, kinds=kinds,
                        window=cfg.window, n_samples=cfg.n_samples, sigma=cfg.sigma, seed=cfg.seed,
                        metric=cfg.metric, pos_labels=pairs.labels(), progress=ctx.cfg.progress)
     ctx.data["tracing"] = jsonable(res.to_dict())
+    ctx.data["tracing"].update(noised_positions=how, every_position_noised=every)
     rows = [[k, p["hook"], p["pos"], p["value"]] for k, p in res.peaks().items()]
     section.blocks.append(Note(f"{res.metric} of the answer: clean {res.clean:.4g}, noised {res.noised:.4g} "
-                               f"({n} prompts × {res.n_samples} noise samples, σ = {res.sigma:.3g}).", "info"))
+                               f"({n} prompts × {res.n_samples} noise samples, σ = {res.sigma:.3g}); noised: {how}.",
+                               "info"))
+    if every:
+        section.blocks.append(Note(
+            "Caution: every position before the answer is noised, so restoring the residual stream at the last "
+            "position restores everything the answer depends on; that cell is ~clean by construction and the "
+            "trace cannot single out where the information sits. Give tracing.noise=[...] (or prompt pairs that "
+            "differ in a few positions) for a trace that can.", "warn"))
+    if n < 3:
+        section.blocks.append(Note(f"Caution: a trace over {n} prompt(s) only.", "warn"))
     section.blocks.append(Table(["kind", "best restore", "position", res.metric], rows))
     section.blocks += [Figure(name, _style(fig, 420)) for name, fig in res.figures().items()]
     return section
+
+
+def trace_noise(pairs, n: int, noise: list[int]) -> tuple[object, str, bool]:
+    """(the positions to noise for the first ``n`` pairs, a description, whether that is every position
+    before the answer). Default: where the clean and corrupted prompts differ (before the answer), as ROME
+    noises the subject; every position before the answer when they do not differ there."""
+    tokens, answer_pos = pairs.clean[:n], pairs.answer_pos[:n]
+    before = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < answer_pos[:, None]
+    if noise:
+        mask = torch.zeros_like(before)
+        mask[:, noise] = True
+        how = f"positions {noise} (tracing.noise)"
+    else:
+        mask = (tokens != pairs.corrupted[:n].to(tokens.device)) & before
+        how = "the positions where the clean and corrupted prompts differ"
+        if not bool(mask.any(-1).all()):
+            mask, how = before, "every position before the answer (the prompts do not differ there)"
+    every = bool((mask[before]).all())
+    return (noise if noise else mask), how, every
 
 
 # --- task vectors ----------------------------------------------------------------------------------

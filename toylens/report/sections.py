@@ -13,13 +13,11 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from toylens.model.build import positional_embedding_type
-from toylens.report.config import AnalyzeConfig, config_dict
+from toylens.report.card import overview, training  # noqa: F401  (builders of the first two sections)
+from toylens.report.config import AnalyzeConfig
 from toylens.report.page import Figure, Note, Section, Table
 from toylens.result import jsonable
 from toylens.runs.run import Run
-
-TRAIN_CURVES = ("train/loss", "eval/loss", "eval/accuracy")
 
 
 @dataclass
@@ -55,79 +53,6 @@ def _style(fig: go.Figure, height: int = 400, bottom: int = 50) -> go.Figure:
 
 def _pick(figs: dict, prefix: str, **style) -> list[Figure]:
     return [Figure(name, _style(fig, **style)) for name, fig in figs.items() if name.startswith(prefix)]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-# --- model card ----------------------------------------------------------------------------------
-def overview(ctx: Context) -> Section:
-    run, model, cfg = ctx.run, ctx.model, ctx.model.cfg
-    params = list(model.parameters())
-    pos = positional_embedding_type(model)
-    w_pos = float(model.W_pos.detach().norm()) if cfg.positional_embedding_type == "standard" else None
-    final = {}
-    for row in run.metrics:
-        final.update({k: v for k, v in row.items() if k != "step"})
-    card = {
-        "n_params": sum(p.numel() for p in params),
-        "n_trainable_params": sum(p.numel() for p in params if p.requires_grad),
-        "positional_embedding_type": pos, "w_pos_norm": w_pos,
-        "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model, "d_head": cfg.d_head,
-        "d_mlp": None if cfg.attn_only else cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
-        "act_fn": None if cfg.attn_only else cfg.act_fn, "normalization_type": cfg.normalization_type,
-        "attn_only": cfg.attn_only, "final_metrics": final,
-    }
-    ctx.data["run"] = {"name": run.name, "path": str(run.path), "experiment": run.config.name,
-                       "step": ctx.step, "steps": run.steps, "task": run.task.describe(),
-                       "wandb": run.config.logger.name == "wandb"}
-    ctx.data["settings"] = config_dict(ctx.cfg)
-    ctx.data["model_card"] = jsonable(card)
-    ctx.data["config"] = jsonable(_flatten(run.config.to_dict()))
-    summary = [[k, v] for k, v in ctx.data["model_card"].items() if k != "final_metrics"]
-    summary += [[f"final {k}", v] for k, v in final.items()]
-    return Section("model", "Model card", (
-        "What was trained: the architecture, the task and the full training config. With positional "
-        "embedding 'none' the model gets no position information at all, so W_pos must have norm 0."),
-        [Table(["property", "value"], summary, caption=f"Checkpoint step {ctx.step} of {run.steps}"),
-         Table(["config key", "value"], [[k, v] for k, v in ctx.data["config"].items()],
-               caption="Training config (.hydra/config.yaml)")])
-
-
-def training(ctx: Context) -> Section:
-    series = {}
-    for key in TRAIN_CURVES:
-        pts = [(r["step"], r[key]) for r in ctx.run.metrics if isinstance(r.get(key), (int, float))]
-        if pts:
-            series[key] = {"step": [p[0] for p in pts], "value": [p[1] for p in pts]}
-    ctx.data["training"] = jsonable(series)
-    section = Section("training", "Training curves", (
-        "Loss (log scale) and accuracy against the training step, from metrics.jsonl. train/loss is "
-        "averaged over the steps since the last log line; eval/* are measured on a fixed held-out batch."))
-    losses = [k for k in ("train/loss", "eval/loss") if k in series]
-    if losses:
-        fig = go.Figure([go.Scatter(x=series[k]["step"], y=series[k]["value"], mode="lines", name=k)
-                         for k in losses])
-        positive = all(v > 0 for k in losses for v in series[k]["value"])
-        fig.update_layout(title="Loss", xaxis_title="step", yaxis_title="loss")
-        if positive:
-            fig.update_yaxes(type="log")
-        section.blocks.append(Figure("training/loss", _style(fig)))
-    if "eval/accuracy" in series:
-        s = series["eval/accuracy"]
-        fig = go.Figure(go.Scatter(x=s["step"], y=s["value"], mode="lines+markers", name="eval/accuracy"))
-        fig.update_layout(title="Held-out accuracy", xaxis_title="step", yaxis_title="eval/accuracy")
-        section.blocks.append(Figure("training/accuracy", _style(fig)))
-    if not series:
-        section.blocks.append(Note("metrics.jsonl has no train/loss, eval/loss or eval/accuracy rows.", "warn"))
-    return section
 
 
 # --- fold ----------------------------------------------------------------------------------------
@@ -180,27 +105,51 @@ def _folded_model(ctx: Context) -> tuple[Any, str]:
 
 # --- attention -----------------------------------------------------------------------------------
 def attention(ctx: Context) -> Section:
-    from toylens.analyze.attention import SCORE_NAMES, attention_patterns
+    from toylens.analyze.attention import CONTENT_SCORES, SCORE_NAMES, attention_patterns, positional_shortcuts
 
     res = attention_patterns(ctx.model, ctx.batch, **ctx.kw)
     d = res.to_dict()
     prev = res.scores["previous_token"].reshape(-1)
     best = int(torch.nan_to_num(prev, nan=-1.0).argmax())
     d["previous_token_head"] = {"head": res.head_labels[best], "score": float(prev[best])}
+    shortcuts = positional_shortcuts(ctx.model, ctx.batch, res, **ctx.kw)
+    d["positional_shortcuts"] = shortcuts
     ctx.data["attention"] = jsonable(d)
-    rows = [[label] + [d["scores_by_head"][label][n] for n in SCORE_NAMES] for label in res.head_labels]
+    rows, notes = [], []
+    for label in res.head_labels:
+        sc = d["scores_by_head"][label]
+        s = shortcuts.get(label)
+        where = (f"−{s['offset']}: {s['share']:.2f} ({s['share_shuffled']:.2f} shuffled)" if s else "")
+        rows.append([label] + [sc[n] for n in SCORE_NAMES] + [where])
+        for n in CONTENT_SCORES:
+            if s and s["offset"] >= 2 and (sc[n] or 0) >= 0.3:
+                notes.append(Note(
+                    f"Positional shortcut: {label}'s {n} score {sc[n]:.3f} comes from position, not token content. "
+                    f"{s['share']:.2f} of its attention goes {s['offset']} tokens back, and still "
+                    f"{s['share_shuffled']:.2f} when the tokens of each row are shuffled (no repeats left): the "
+                    f"task's layout puts the key at a fixed offset.", "warn"))
     n_heads = ctx.model.cfg.n_heads
     figs = [f for f in _pick(res.figures(), "attention/", height=460)
             if "_mean" not in f.name or n_heads > 1]
+    counts = ", ".join(f"{k} {v}" for k, v in res.score_counts.items())
+    tops = []
+    for n in SCORE_NAMES:
+        v = torch.nan_to_num(res.scores[n].reshape(-1), nan=-1.0)
+        if float(v.max()) >= 0:
+            tops.append(f"{n} {res.head_labels[int(v.argmax())]} ({float(v.max()):.3f})")
     return Section("attention", "Attention patterns and head scores", (
         "Each heatmap is one head's attention pattern averaged over the evaluation batch: row = the "
         "query position doing the looking, column = the key position it looks at (each row sums to 1). "
         "A previous-token head is bright just below the diagonal; its previous_token score (the average "
-        "attention from each position to the one before it) is then close to 1."), [
-        Note(f"Head most like a previous-token head: {d['previous_token_head']['head']} "
-             f"(previous_token score {d['previous_token_head']['score']:.3f}).", "info"),
-        Table(["head", *SCORE_NAMES], rows, caption="Head-type scores (0 to 1; — where undefined)",
-              sortable=True, highlight={best}),
+        "attention from each position to the one before it) is then close to 1. 'fixed offset' lists heads "
+        "that put at least half their attention (on the scored positions) at one distance back, with the tokens "
+        "as they are and with each row's tokens shuffled: such a head attends by position."), [
+        Note(f"Highest head per score: {'; '.join(tops)}. Head most like a previous-token head: "
+             f"{d['previous_token_head']['head']} (previous_token score {d['previous_token_head']['score']:.3f}).",
+             "info"),
+        *notes,
+        Table(["head", *SCORE_NAMES, "fixed offset"], rows, sortable=True, highlight={best},
+              caption=f"Head-type scores (0 to 1; — where undefined); queries counted per layer: {counts}"),
         *figs])
 
 
@@ -360,29 +309,3 @@ def ablation(ctx: Context) -> Section:
 
 def _num(v) -> str:
     return "NaN" if v is None else f"{v:.4g}"
-
-
-# --- at a glance ---------------------------------------------------------------------------------
-def highlights(data: dict) -> dict:
-    """The headline numbers of the report (also shown in a box at the top of the page)."""
-    h: dict = {}
-    card = data.get("model_card", {})
-    h["positional_embedding_type"] = card.get("positional_embedding_type")
-    h["w_pos_norm"] = card.get("w_pos_norm")
-    final = card.get("final_metrics", {})
-    for k in ("eval/loss", "eval/accuracy"):
-        if k in final:
-            h[f"final {k}"] = final[k]
-    if "fold" in data:
-        h["fold max_abs_logprob_diff"] = data["fold"].get("max_abs_logprob_diff")
-        h["fold passed"] = data["fold"].get("passed")
-    if "attention" in data:
-        p = data["attention"]["previous_token_head"]
-        h["previous-token head"] = f"{p['head']} (score {_num(p['score'])})"
-        h["previous_token_head"] = p
-    if "ablation" in data:
-        rows = data["ablation"]["rows"]
-        h["clean loss"] = data["ablation"]["clean_loss"]
-        h["top ablations"] = [{"hook": r["hook"], "mode": r["mode"], "loss": r["loss"],
-                               "delta_loss": r["delta_loss"]} for r in rows[:5]]
-    return h
