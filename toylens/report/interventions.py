@@ -27,7 +27,7 @@ def applicable_kinds(model, kinds: list[str]) -> tuple[list[str], list[str]]:
         if k in ("mlp_out", "resid_mid"):
             dropped.append(f"{k} (the model is attention-only: it has no MLP)")
         elif k == "block_every":
-            out += [p for p in ("resid_pre", "attn_out") if p not in kinds and p not in out]
+            out += [p for p in ("resid_pre", "attn_out") if p not in out]
             dropped.append("block_every's mlp_out (attention-only model); its resid_pre and attn_out are patched")
         elif k not in out:
             out.append(k)
