@@ -193,6 +193,9 @@ def test_tampered_weights(copy, tamper, needle):
     else:
         tensors["pos_embed.W_pos"] = torch.ones_like(tensors["pos_embed.W_pos"])
     save_file(tensors, str(w))
+    state = ck.load_state(copy, 20)  # tamper consistently (drop the checksum) to reach the deeper checks
+    del state["weights_sha256"]
+    torch.save(state, ck.state_path(copy, 20))
     with pytest.raises(CheckpointError) as e:
         load_run(copy).model()
     _one_line_error(e, needle, str(w))

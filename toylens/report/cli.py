@@ -6,6 +6,8 @@ non-positive size...) exits with status 2 and one line on stderr naming the fiel
 before anything is written; an unreadable checkpoint exits with status 1. Hydra itself writes
 nothing: ``hydra.run.dir`` is ``.`` and ``hydra.output_subdir`` null (configs/analyze.yaml).
 In a multirun (``-m run=a,b``) errors are raised instead, so Hydra marks that job failed.
+A report replaces only a report toylens wrote; the checkpoint analysed is read into memory first, so
+a training process still pruning that run cannot take it away.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
+from toylens import _cli
 from toylens._paths import config_dir
 from toylens.report.config import register_configs
 from toylens.runs.config import ConfigError
@@ -31,16 +34,18 @@ def _fail_or_raise(e: Exception, code: int, multirun: bool) -> None:
 
 
 def _fail(msg: str, code: int) -> None:
-    print(f"toylens-analyze: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+    _cli.fail("toylens-analyze", msg, code)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="analyze")
 def _hydra_main(dcfg: DictConfig) -> str | None:
+    from toylens.analyze.pairs import PairsError
     from toylens.report.build import AnalysisFailed, make_report
     from toylens.report.config import validate
+    from toylens.report.html import check_report_dir
     from toylens.runs.checkpoint import CheckpointError
     from toylens.runs.run import RunError, load_run
+    from toylens.runs.tokenizer import PromptError
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -51,16 +56,23 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
                               ) from None
         validate(cfg)
         if cfg.model.source == "pretrained":
+            check_report_dir(cfg.out, "out")  # before the work: never replace what toylens did not write
             return _pretrained(cfg, multirun)
+        if cfg.out is not None:
+            raise ConfigError(f"out={cfg.out} is only for model=pretrained; a run's report always goes to "
+                              f"<run>/report, so drop out=")
         run = load_run(cfg.run)
-        run.check_step(cfg.step)
+        check_report_dir(run.path / "report")
+        cfg.step = run.pin(cfg.step)  # read now: a run still training may prune it later
     except (ConfigError, RunError) as e:
         _fail_or_raise(e, 2, multirun)
+    except CheckpointError as e:  # unreadable or tampered checkpoint files
+        _fail_or_raise(e, 1, multirun)
     from toylens.model.fold import FoldCheckError  # TransformerLens: seconds, so only past the input checks
 
     try:
         index = make_report(run, cfg)
-    except (ConfigError, RunError) as e:  # e.g. device=cuda without CUDA, model_config.json unusable
+    except (ConfigError, RunError, PairsError, PromptError) as e:  # e.g. device=cuda without CUDA, bad prompts
         _fail_or_raise(e, 2, multirun)
     except (CheckpointError, FoldCheckError, AnalysisFailed) as e:  # unreadable checkpoint; strict=true failure
         _fail_or_raise(e, 1, multirun)
@@ -71,22 +83,86 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
 
 def _pretrained(cfg, multirun: bool) -> str:
     """model=pretrained: the intervention report of a pretrained model on cfg.pairs, written to cfg.out."""
+    from toylens.analyze.pairs import PairsError
     from toylens.analyze.pretrained import PretrainedError
     from toylens.analyze.prompts import PromptError
     from toylens.report.pretrained import make_pretrained_report
 
     try:
         index = make_pretrained_report(cfg)
-    except (PretrainedError, PromptError, ConfigError) as e:
+    except (PretrainedError, PromptError, PairsError, ConfigError) as e:
         _fail_or_raise(e, 2, multirun)
     print(f"toylens-analyze: report of {cfg.model.name}:", file=sys.stderr)
     print(index)
     return str(index)
 
 
-def main() -> None:
+HELP = """toylens-analyze: analyse a trained toylens run (or a pretrained model) and write an offline HTML
+report (index.html, report.json, ablation.csv) beside it; prints the path of index.html.
+
+Usage:
+  toylens-analyze run=<run dir>                        every analysis of the last checkpoint -> <run>/report/
+  toylens-analyze run=<run dir> step=500 analyses=[attention,ablation]
+  toylens-analyze run=<run dir> over=checkpoints       + training dynamics over every saved checkpoint
+  toylens-analyze model=pretrained model.name=gpt2 pairs.clean=[...] pairs.corrupted=[...] out=<new dir>
+  toylens-analyze -m run=<a>,<b>                        several runs (Hydra multirun; hydra/launcher=joblib)
+  (resume= belongs to toylens-train: toylens-train resume=<run dir> continues a run)
+
+Groups:
+  model=           run, pretrained
+
+Settings (key=default):
+{settings}
+"""
+
+
+def help_text() -> str:
+    from toylens.report.config import AnalyzeConfig
+
     register_configs()
-    _hydra_main()
+    dcfg = _cli.compose(config_dir(), "analyze", [])
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(cfg, AnalyzeConfig)
+    return HELP.format(settings="\n".join(_cli.settings_lines(cfg)))
+
+
+def _precheck(argv: list[str]) -> None:
+    """Compose and type-check the command line as Hydra will, so a bad override is one line (exit 2)."""
+    overrides = _cli.overrides_of(argv)
+    if overrides is None:
+        return
+    try:
+        dcfg = _cli.compose(config_dir(), "analyze", overrides)
+    except _cli.UsageError as e:
+        if str(e).startswith("step="):
+            raise _cli.UsageError(f"{e}; use step=<a saved step> or step=null for the last") from None
+        raise
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue:
+        return  # the run's own check says what is missing
+    except Exception as e:
+        raise ConfigError(" ".join(str(e).split("\n")[0].split())) from None
+    _cli.check_no_unknown_keys(dcfg, cfg, overrides)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if any(a in _cli._HELP_FLAGS for a in argv):
+        print(help_text())
+        return
+    register_configs()
+    try:
+        _precheck(argv)
+        _hydra_main()
+    except (ConfigError, _cli.UsageError) as e:
+        _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; no report was written", 130)
 
 
 if __name__ == "__main__":

@@ -72,4 +72,4 @@ def make_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Pat
     """Build and write ``cfg.out`` (index.html, report.json, plotly.min.js) atomically; returns index.html."""
     from toylens.report.html import write_report
 
-    return write_report(build_pretrained_report(cfg, model, hf_model), Path(cfg.out))
+    return write_report(build_pretrained_report(cfg, model, hf_model), Path(cfg.out), field="out")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ class Run:
     model_config: dict
     steps: list[int]
     metrics: list[dict]
+    _pinned: dict = field(default_factory=dict, repr=False, compare=False)  # step -> (weights, state) in memory
 
     @property
     def name(self) -> str:
@@ -98,7 +99,25 @@ class Run:
 
     def state(self, step: int | None = None) -> dict:
         """The optimizer/scheduler/RNG state saved with a checkpoint (``weights_only`` load)."""
-        return ck.load_state(self.path, self.check_step(step))
+        step = self.check_step(step)
+        return self._pinned[step][1] if step in self._pinned else ck.load_state(self.path, step)
+
+    def pin(self, step: int | None = None) -> int:
+        """Read checkpoint ``step`` (default: the last) into memory now, so a training process that is
+        still running and prunes it later cannot take it away; returns the step pinned. With
+        ``step=None`` a checkpoint pruned between listing and reading is replaced by the newest one."""
+        for _ in range(5):
+            chosen = self.check_step(step)
+            try:
+                self._pinned[chosen] = (ck.load_weights(self.path, chosen), ck.load_state(self.path, chosen))
+                return chosen
+            except CheckpointError:
+                if step is not None or ck.weights_path(self.path, chosen).exists():
+                    raise
+                self.steps[:] = ck.list_checkpoints(self.path)  # pruned meanwhile: take the newest again
+                if not self.steps:
+                    raise
+        raise RunError(f"{self.path}: its checkpoints keep changing under the reader; try again")
 
     def wandb_id(self) -> str | None:
         """The wandb run id the training logged to (None when the run did not use wandb)."""
@@ -117,7 +136,10 @@ class Run:
         """
         step = self.check_step(step)
         model = self._build(device)
-        weights = ck.load_weights(self.path, step, device)
+        if step in self._pinned:
+            weights = {k: v.to(device) for k, v in self._pinned[step][0].items()}
+        else:
+            weights = ck.load_weights(self.path, step, device)
         wpath = ck.weights_path(self.path, step)
         try:
             model.load_state_dict(weights, strict=True)
@@ -176,17 +198,13 @@ def load_run(path: str | Path) -> Run:
 
 
 def _read_train_config(path: Path) -> TrainConfig:
-    from omegaconf import OmegaConf
+    from toylens.runs.config import ConfigError, TrainConfig, read_saved_config
 
-    from toylens.runs.config import ConfigError, TrainConfig
-
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:  # YAML syntax errors, interpolation errors
+    try:  # never resolved: toylens saved it resolved, so a ${...} in it stays literal text
+        raw = read_saved_config(path)
+    except (OSError, ValueError) as e:  # YAML syntax errors, not a mapping
         raise RunError(f"{path}: not a readable config ({_one_line(e, 200)}); restore the file toylens-train "
                        f"wrote") from None
-    if not isinstance(raw, dict):
-        raise RunError(f"{path}: not a config mapping; restore the file toylens-train wrote")
     try:
         return TrainConfig.from_dict(raw)
     except (ConfigError, ValueError, TypeError) as e:

@@ -1,10 +1,10 @@
 """``toylens-train``: a thin ``@hydra.main`` around ``train(cfg)``.
 
-Bad configs exit with status 2 and one line on stderr naming the field and the fix; nothing is
-left behind (Hydra creates the run directory before calling us, so we remove it again while it is
-still empty). In a multirun (``-m``) each job goes through ``toylens.sweep.job.run_sweep_job``:
-it records its status in the sweep's index, skips finished runs and resumes unfinished ones, and a
-failed job never stops its siblings (the command exits 1 at the end when any run failed).
+The whole config is composed, typed and validated before Hydra runs (``_precheck``), so a bad
+config exits with status 2 and one line on stderr naming the field and the fix, and nothing is
+created. Ctrl-C is one line and status 130. In a multirun (``-m``) each job goes through
+``toylens.sweep.job.run_sweep_job``: it records its status in the sweep's index, skips finished
+runs and resumes unfinished ones, and a failed job never stops its siblings.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from toylens import _cli
 from toylens._paths import config_dir
 from toylens.runs.config import ConfigError, register_configs
 from toylens.train.resume import explicit_keys
@@ -27,23 +28,81 @@ from toylens.train.resume import explicit_keys
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
 
+PROG = "toylens-train"
+_created: list[Path] = []  # directories above the run directory that did not exist before this command
+
+
 def _remove_if_empty(run_dir: Path) -> None:
-    for d in (run_dir, run_dir.parent):
+    """Remove what this command created and left empty: the run directory (an empty one, or one holding
+    only the run lock) and any parent it created. Never anything that holds a file."""
+    from toylens.runs.lock import LOCK_FILE
+
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if [p.name for p in entries] == [LOCK_FILE]:
+        entries[0].unlink()
+    for d in (run_dir, *_created):
         try:
             d.rmdir()  # only succeeds on an empty directory: never deletes anything written
         except OSError:
             break
 
 
-def _fail(msg: str, code: int) -> None:
-    print(f"toylens-train: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+def _precheck(argv: list[str]) -> list[str]:
+    """Compose, type-check and validate the command line as Hydra will; returns argv to hand to Hydra
+    (``resume=`` gets ``hydra.run.dir=<that run>`` so Hydra creates no new directory)."""
+    overrides = _cli.overrides_of(argv)
+    if overrides is None:
+        return argv
+    from toylens.runs.config import TrainConfig, resolve_device, validate
+
+    dcfg = _cli.compose(config_dir(), "train", overrides)
+    hydra_run_dir = OmegaConf.select(dcfg, "hydra.run.dir")
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+    except Exception as e:
+        raise ConfigError(" ".join(str(e).split("\n")[0].split())) from None
+    _cli.check_no_unknown_keys(dcfg, cfg, overrides)
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError("the composed config is not a training config")
+    if cfg.resume:
+        from toylens.train.resume import reconcile
+
+        cfg = reconcile(cfg, explicit_keys(overrides))
+        if not any(o.startswith("hydra.run.dir=") for o in overrides):
+            argv = [*argv, f"hydra.run.dir={cfg.resume}"]
+    validate(cfg)
+    resolve_device(cfg.device)
+    run_dir = Path(cfg.resume or hydra_run_dir).expanduser().absolute()
+    _check_writable(run_dir, "hydra.run.dir" if any(o.startswith("hydra.run.dir=") for o in overrides)
+                    else "checkpoint_root")
+    _created.extend(p for p in run_dir.parents if not p.exists())
+    return argv
+
+
+def _check_writable(run_dir: Path, field: str) -> None:
+    import tempfile
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{field}: {run_dir} is a file, not a directory; choose another {field}")
+    base = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not base.is_dir():
+        raise ConfigError(f"{field}: {base} is a file, so {run_dir} cannot be created; choose another {field}")
+    try:
+        Path(tempfile.mkdtemp(dir=base, prefix=".toylens-check-")).rmdir()
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot create directories in {base} ({e.strerror}); choose a writable "
+                          f"{field}") from None
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _hydra_main(dcfg: DictConfig) -> str | None:
     from toylens.runs.checkpoint import CheckpointError
-    from toylens.train.loop import TrainingDiverged, train
+    from toylens.train.loop import TrainingDiverged, TrainingInterrupted, train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -58,18 +117,68 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
                        overrides=overrides)
     except (ConfigError, CheckpointError, TrainingDiverged) as e:
         _remove_if_empty(run_dir)
-        _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
-    if cfg.resume:
+        _cli.fail(PROG, str(e), 2 if isinstance(e, ConfigError) else 1)
+    except TrainingInterrupted as e:
+        _cli.fail(PROG, str(e), 130)
+    except KeyboardInterrupt:
         _remove_if_empty(run_dir)
-    ev = f"eval/loss {result.eval_loss:.4g}, eval/accuracy {result.eval_accuracy:.4g}, " if result.eval_loss else ""
-    print(f"toylens: step {result.step}, {ev}run directory:", file=sys.stderr)
+        _cli.fail(PROG, "interrupted before training started; nothing was saved", 130)
+    print(f"toylens: {result.summary()}; run directory:", file=sys.stderr)
     print(result.run_dir)
     return str(result.run_dir)
 
 
-def main() -> None:
+HELP = """toylens-train: train a small TransformerLens model on a synthetic task, save checkpoints and metrics
+to a run directory, and print that directory.
+
+Usage:
+  toylens-train [group=option ...] [key=value ...]     one run in checkpoints/<name>/<time>/
+  toylens-train experiment=no_pos_prev_token            a ready-made setting (configs/experiment/)
+  toylens-train resume=<run dir> [train.steps=N]        continue a run bit-for-bit (same lr schedule)
+  toylens-train -m seed=0,1,2 [hydra/launcher=joblib]   a sweep: one run per value (launchers below)
+  toylens-analyze run=<run dir>                         then analyse the run (toylens-analyze --help)
+
+Groups:
+{groups}
+
+Settings (key=default):
+{settings}
+
+Hydra's own options: --hydra-help, --cfg job, hydra.run.dir=<dir>.
+"""
+
+
+def help_text() -> str:
+    from toylens.data import TASKS
+    from toylens.runs.config import TrainConfig
+
+    groups = _cli.groups_lines(config_dir(), ["experiment", "model", "task", "optim", "logger", "debug",
+                                              "hydra/launcher"])
     register_configs()
-    _hydra_main()
+    dcfg = _cli.compose(config_dir(), "train", [])
+    with open_dict(dcfg):
+        del dcfg["hydra"]
+    cfg = OmegaConf.to_object(dcfg)  # the defaults as configs/train.yaml composes them
+    assert isinstance(cfg, TrainConfig) and cfg.task.name in TASKS
+    settings = [s for s in _cli.settings_lines(cfg) if not s.lstrip().startswith("task.")]
+    settings.append(f"  task.*                       the task's own settings (task={cfg.task.name}: "
+                    f"configs/task/{cfg.task.name}.yaml)")
+    return HELP.format(groups="\n".join(groups), settings="\n".join(settings))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if any(a in _cli._HELP_FLAGS for a in argv):
+        print(help_text())
+        return
+    register_configs()
+    try:
+        sys.argv = [sys.argv[0], *_precheck(argv)]
+        _hydra_main()
+    except (ConfigError, _cli.UsageError) as e:
+        _cli.fail(PROG, str(e), 2)
+    except KeyboardInterrupt:
+        _cli.fail(PROG, "interrupted; nothing was started", 130)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,18 @@ from toylens.model import fused as fast_forward
 from toylens.model.build import build_model, model_config_dict
 from toylens.runs import checkpoint as ck
 from toylens.runs.config import ConfigError, TrainConfig, resolve_device, validate
+from toylens.runs.lock import RunLock
 from toylens.runs.loggers import JsonlLogger, Loggers, WandbLogger
 from toylens.train.optim import make_optimizer
+from toylens.train.resume import resume_checkpoint, schedule_length
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message names the last finished step, the last checkpoint and how to continue."""
 
 
 @dataclass
@@ -34,6 +40,29 @@ class TrainResult:
     eval_loss: float | None
     eval_accuracy: float | None
     stopped_early: bool
+    stop_reason: str | None = None  # e.g. "eval/loss 0.0045 < 0.01" when a stop_at_* target ended the run
+
+    def summary(self) -> str:
+        """One line with the final metrics, saying why the run ended when it stopped early."""
+        ev = "" if self.eval_loss is None else f"eval/loss {self.eval_loss:.4g}, eval/accuracy {self.eval_accuracy:.4g}"
+        if self.stop_reason:
+            return f"stopped at step {self.step}: {self.stop_reason}" + (f"; {ev}" if ev else "")
+        return f"step {self.step}" + (f", {ev}" if ev else "")
+
+
+def _fix_for_divergence(o) -> str:
+    """What to change after a NaN: only settings that are not already doing their job."""
+    tips = [f"lower optim.lr (now {o.lr:g})"]
+    if o.grad_clip is None:
+        tips.append("set optim.grad_clip=1.0")
+    if o.warmup_steps == 0:
+        tips.append("set optim.warmup_steps=100")
+    return ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]
+
+
+def _last_good(run_dir: Path) -> str:
+    last = ck.list_checkpoints(run_dir)
+    return f"step {last[-1]} in {run_dir}" if last else f"none in {run_dir}"
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -46,9 +75,13 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _check_fresh(run_dir: Path) -> None:
-    if (run_dir / "metrics.jsonl").exists() or ck.list_checkpoints(run_dir):
+    if ck.list_checkpoints(run_dir):
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with resume={run_dir} "
                           f"or choose another hydra.run.dir")
+    if (run_dir / "metrics.jsonl").exists():  # killed before its first checkpoint: nothing to continue
+        print(f"toylens: {run_dir} holds a run that stopped before its first checkpoint; starting it over",
+              file=sys.stderr)
+        ck.write_text(run_dir / "metrics.jsonl", "")
 
 
 def pick_forward(model, mode: str):
@@ -117,34 +150,52 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     validate(cfg)
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir).resolve() if run_dir is not None else new_run_dir(cfg)
+    threads = torch.get_num_threads()
+    lock = RunLock(run_dir).acquire()  # one process per run directory, for as long as it trains
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _train_locked(cfg, run_dir, device, overrides)
+    finally:
+        lock.release()
+        torch.set_num_threads(threads)
+
+
+def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[str] | None) -> TrainResult:
     if not cfg.resume:
         _check_fresh(run_dir)
-
+    start, weights, state = resume_checkpoint(run_dir, device) if cfg.resume else (0, None, None)
     task = make_task(cfg.task)
     model = build_model(cfg.model, task.d_vocab, task.seq_len, cfg.seed, device)
     t, o = cfg.train, cfg.optim
-    opt, sched = make_optimizer(model, o, t.steps)
+    schedule_steps = schedule_length(cfg, state)
+    opt, sched = make_optimizer(model, o, schedule_steps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_batch = task.eval_set(t.eval_size, t.eval_seed, device)
 
     forward = pick_forward(model, t.fast_forward)
     train_step = make_train_step(model, forward, opt, sched, task, gen, cfg)
 
-    start, acc = 0, {"loss_sum": 0.0, "count": 0}
+    acc: dict = {"loss_sum": 0.0, "count": 0}
     wandb_id = None
-    if cfg.resume:
-        start = ck.list_checkpoints(run_dir)[-1]
-        model.load_state_dict(ck.load_weights(run_dir, start, device))
-        state = ck.load_state(run_dir, start)
+    if state is not None:  # resume from checkpoint ``start`` (a run with none restarts from step 0)
+        model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         ck.set_rng_state(state["rng"], gen)
         acc, wandb_id = state.get("log_accumulator", acc), state.get("wandb_id")
         ck.truncate_metrics(run_dir, start)
         if start >= t.steps:
+            last = next((r for r in reversed(ck.read_metrics(run_dir)) if "eval/loss" in r), {})
             print(f"toylens: {run_dir} is already at step {start} >= train.steps={t.steps}; "
                   f"pass a larger train.steps to continue", file=sys.stderr)
-            return TrainResult(run_dir, start, None, None, False)
+            return TrainResult(run_dir, start, last.get("eval/loss"), last.get("eval/accuracy"), False)
+        if t.steps > schedule_steps:
+            print(f"toylens: resuming at step {start}; the learning-rate schedule keeps its {schedule_steps} steps, "
+                  f"so steps {schedule_steps + 1}-{t.steps} run at its final rate; pass optim.schedule_steps=N "
+                  f"to stretch it", file=sys.stderr)
+    elif cfg.resume:
+        ck.truncate_metrics(run_dir, 0)
     else:
         resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         ck.write_text(run_dir / ".hydra" / "config.yaml", resolved)
@@ -158,8 +209,12 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     log = Loggers(sinks)
 
     def save(step: int) -> Path:
+        bad = ck.first_non_finite(model, opt)
+        if bad is not None:  # never write a checkpoint that could not be trained on
+            raise TrainingDiverged(f"{bad} holds NaN or inf at step {step}, so it was not saved; last finite "
+                                   f"checkpoint: {_last_good(run_dir)}; {_fix_for_divergence(o)}")
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ck.rng_state(gen),
-                 "log_accumulator": dict(acc), "wandb_id": log.wandb_id}
+                 "log_accumulator": dict(acc), "wandb_id": log.wandb_id, "schedule_steps": schedule_steps}
         path = ck.save_checkpoint(run_dir, step, model, state)
         ck.prune_checkpoints(run_dir, t.keep_last)
         return path
@@ -167,8 +222,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     count = 0
     eval_loss = eval_acc = None
-    stopped_early = False
-    step = start
+    stopped_early, stop_reason = False, None
+    step = done = start
     bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc=cfg.name, dynamic_ncols=True,
                mininterval=0.5, file=sys.stderr)
     try:
@@ -183,12 +238,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
                 n = count + acc["count"]
                 mean = total / n
                 if not math.isfinite(mean):
-                    last = ck.list_checkpoints(run_dir)
-                    raise TrainingDiverged(
-                        f"train/loss became {mean} by step {step}; last good checkpoint: "
-                        f"{'step ' + str(last[-1]) if last else 'none'} in {run_dir}; "
-                        f"lower optim.lr or set optim.grad_clip"
-                    )
+                    raise TrainingDiverged(f"train/loss became {mean} by step {step}; last good checkpoint: "
+                                           f"{_last_good(run_dir)}; {_fix_for_divergence(o)}")
                 row.update({"train/loss": mean, "train/lr": lr})
                 loss_sum.zero_()
                 count, acc = 0, {"loss_sum": 0.0, "count": 0}
@@ -196,7 +247,8 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
             if step % t.eval_every == 0 or step == t.steps:
                 eval_loss, eval_acc = evaluate(forward, task, eval_batch)
                 row.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
-                stopped_early = t.stop_at_eval_loss is not None and eval_loss < t.stop_at_eval_loss
+                stop_reason = stop_target_reached(t, eval_loss, eval_acc)
+                stopped_early = stop_reason is not None
             if row:
                 log.log({"step": step, **row})
             bar.update(1)
@@ -209,9 +261,24 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
                 path = save(step)
                 if final and cfg.logger.log_checkpoint:
                     log.log_checkpoint([path, ck.state_path(run_dir, step), run_dir / "model_config.json"], step)
+            done = step
             if stopped_early:
                 break
+    except KeyboardInterrupt:
+        last = ck.list_checkpoints(run_dir)
+        raise TrainingInterrupted(f"interrupted at step {done}; the last checkpoint is "
+                                  f"{'step ' + str(last[-1]) if last else 'none yet'}; continue with "
+                                  f"toylens-train resume={run_dir}") from None
     finally:
         bar.close()
         log.close()
-    return TrainResult(run_dir, step, eval_loss, eval_acc, stopped_early)
+    return TrainResult(run_dir, step, eval_loss, eval_acc, stopped_early, stop_reason)
+
+
+def stop_target_reached(t, eval_loss: float, eval_acc: float) -> str | None:
+    """Why the run should stop now (``train.stop_at_eval_loss`` / ``train.stop_at_accuracy``), or None."""
+    if t.stop_at_eval_loss is not None and eval_loss < t.stop_at_eval_loss:
+        return f"eval/loss {eval_loss:.4g} < {t.stop_at_eval_loss:g}"
+    if t.stop_at_accuracy is not None and eval_acc >= t.stop_at_accuracy:
+        return f"eval/accuracy {eval_acc:.4g} >= {t.stop_at_accuracy:g}"
+    return None

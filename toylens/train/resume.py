@@ -1,23 +1,25 @@
-"""Reconciling a resume request with the configuration the run was started with.
+"""Reconciling a resume request with the configuration the run was started with, and choosing the
+checkpoint to continue from.
 
 ``resume=<run dir>`` continues that run bit-for-bit, so its saved config is authoritative. Only
 the keys in ``CHANGEABLE`` (how long to train, how often to evaluate and save, where to log, which
 device) may differ; any other explicitly requested value that differs is an error naming the key.
+The learning-rate schedule keeps the length it was started with (``optim.schedule_steps`` changes it).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from toylens.runs.checkpoint import list_checkpoints
-from toylens.runs.config import ConfigError, TrainConfig
+from toylens.runs import checkpoint as ck
+from toylens.runs.checkpoint import CheckpointError, list_checkpoints
+from toylens.runs.config import ConfigError, TrainConfig, read_saved_config
 
 CHANGEABLE = (
-    "train.steps", "train.stop_at_eval_loss", "train.eval_every", "train.checkpoint_every",
-    "train.keep_last", "train.log_every", "train.progress", "device", "resume", "checkpoint_root",
-    "logger.",
+    "train.steps", "train.stop_at_eval_loss", "train.stop_at_accuracy", "train.eval_every",
+    "train.checkpoint_every", "train.keep_last", "train.log_every", "train.progress", "device", "threads",
+    "resume", "checkpoint_root", "logger.", "optim.schedule_steps",
 )
 
 
@@ -51,10 +53,60 @@ def _changeable(key: str) -> bool:
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
+    """The run's saved config, read without resolving interpolations (toylens saved it resolved)."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"resume={run_dir}: no {path.relative_to(run_dir)} there; pass a toylens run directory")
-    return TrainConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+    try:
+        return TrainConfig.from_dict(read_saved_config(path))
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        why = " ".join(str(e).split())[:200]
+        raise ConfigError(f"resume={run_dir}: {path.relative_to(run_dir)} is unusable ({why}); "
+                          f"restore the file toylens-train wrote") from None
+
+
+def schedule_length(cfg: TrainConfig, state: dict | None) -> int:
+    """Steps of the learning-rate schedule: ``optim.schedule_steps`` when given, else what the run
+    being resumed used (its checkpoint says), else ``train.steps``. Past its end the rate stays final."""
+    if cfg.optim.schedule_steps:
+        return cfg.optim.schedule_steps
+    if state is not None and state.get("schedule_steps"):
+        return int(state["schedule_steps"])
+    if cfg.resume:
+        return load_run_config(Path(cfg.resume)).train.steps
+    return cfg.train.steps
+
+
+def resume_checkpoint(run_dir: Path, device: str) -> tuple[int, dict | None, dict | None]:
+    """``(step, weights, state)`` of the newest intact checkpoint, or ``(0, None, None)`` when the run has
+    none yet (it starts again from step 0 with its saved config). Called under the run lock: removes
+    what a killed writer left behind and sets aside (``*.corrupt``) checkpoints that fail to load."""
+    removed = ck.remove_leftovers(run_dir)
+    if removed:
+        print(f"toylens: removed {len(removed)} leftover file(s) of an interrupted write: {', '.join(removed[:3])}"
+              + (" ..." if len(removed) > 3 else ""), file=sys.stderr)
+    steps = list_checkpoints(run_dir)
+    for step in reversed(steps):
+        try:
+            weights, state = ck.load_weights(run_dir, step, device), ck.load_state(run_dir, step)
+            bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(v.isfinite().all())
+                        and not k.endswith("IGNORE")), None)
+            if bad is not None:
+                raise CheckpointError(f"{ck.weights_path(run_dir, step)}: {bad} holds NaN or inf")
+        except CheckpointError as e:
+            path = ck.weights_path(run_dir, step)
+            if path.exists() and not path.is_symlink():
+                path.rename(path.with_name(path.name + ".corrupt"))
+            print(f"toylens: skipped checkpoint step {step} ({' '.join(str(e).split())[:160]}); set aside as "
+                  f"{path.name}.corrupt", file=sys.stderr)
+            continue
+        if step != steps[-1]:
+            print(f"toylens: resuming from step {step}, the newest intact checkpoint", file=sys.stderr)
+        return step, weights, state
+    if steps:
+        raise CheckpointError(f"resume={run_dir}: none of its checkpoints {steps} is intact; start a new run")
+    print(f"toylens: {run_dir} has no checkpoint yet; training it from step 0 with its saved config", file=sys.stderr)
+    return 0, None, None
 
 
 def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> TrainConfig:
@@ -67,8 +119,6 @@ def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> Trai
     run_dir = Path(requested.resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise ConfigError(f"resume={requested.resume}: no such directory; pass an existing run directory")
-    if not list_checkpoints(run_dir):
-        raise ConfigError(f"resume={run_dir}: the run has no checkpoint in ckpt/ to continue from; start a new run")
     saved = load_run_config(run_dir)
     prefixes = [""] if explicit is None else explicit
     req, old = _leaves(requested.to_dict()), _leaves(saved.to_dict())

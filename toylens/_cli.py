@@ -1,0 +1,173 @@
+"""The command-line edge shared by toylens-train and toylens-analyze: compose the config once before
+Hydra runs, so a bad override is one line and exit 2 (never Hydra's multi-line report, never a
+``*_schema`` entry shown as an option, never a ``+key`` suggestion), and ``--help`` from the schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+_HELP_FLAGS = {"--help", "-h"}
+_SKIP_FLAGS = {"--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--resolve", "--package",
+               "-p", "--version", "--multirun", "-m", "--run", "-r"}
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; the message is one line naming the override and the fix."""
+
+
+def fail(prog: str, msg: str, code: int = 2) -> None:
+    print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def overrides_of(argv: list[str]) -> list[str] | None:
+    """The ``key=value`` overrides of a plain single run; None when Hydra should handle the line itself
+    (multirun, --cfg, --hydra-help, ...)."""
+    if any(a.split("=", 1)[0] in _SKIP_FLAGS for a in argv):
+        return None
+    return [a for a in argv if not a.startswith("-")]
+
+
+def _options(config_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def compose(config_dir: Path, config_name: str, overrides: list[str]):
+    """Compose like Hydra does (including ``hydra.*`` overrides); raises UsageError (one line)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        m = re.search(r"Could not find '([^']+)/([^']+)'", str(e))
+        if m:
+            group, name = m.groups()
+            opts = [o for o in _options(config_dir, group) if not o.endswith("_schema")]
+            if opts:
+                raise UsageError(f"{group}={name} is not an option; choose one of {', '.join(opts)}") from None
+        raise UsageError(str(e).splitlines()[0]) from None
+    except OverrideParseException as e:
+        bad = next((o for o in overrides if _unparsable(o)), "?")
+        raise UsageError(f"cannot parse the override {bad!r} ({str(e).splitlines()[0]}); quote lists like "
+                         f"'key=[a,b]'") from None
+    except Exception as e:  # ConfigCompositionException and friends: rewrite the known shapes
+        raise UsageError(_composition_message(e, config_dir, config_name, overrides)) from None
+
+
+def _unparsable(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+        return False
+    except Exception:
+        return True
+
+
+def _composition_message(e: Exception, config_dir: Path, config_name: str, overrides: list[str]) -> str:
+    text, cause = str(e), str(e.__cause__ or "")
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+        return unknown_key_message(key, _keys_near(config_dir, config_name, rest, key))
+    m = re.search(r"Error merging override (\S+)", text)
+    if m and cause:
+        return f"{m.group(1)}: {cause.splitlines()[0]}"
+    first = (cause or text).splitlines()[0] if (cause or text) else type(e).__name__
+    return f"{first} (from the overrides {' '.join(overrides)})"
+
+
+def _keys_near(config_dir: Path, config_name: str, overrides: list[str], key: str) -> list[str]:
+    """Dotted keys of the config composed from the other overrides, under ``key``'s parent."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose(config_dir, config_name, overrides)
+    except UsageError:
+        return []
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if node is None or not hasattr(node, "keys"):
+        return []
+    return [f"{parent}.{k}" if parent else str(k) for k in node.keys() if k != "hydra"]
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}?" if near else "see --help for the settings"
+    return f"{key} is not a setting; {hint}"
+
+
+def leaves(d: Any, prefix: str = "") -> set[str]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    out: set[str] = set()
+    for k, v in d.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return out
+
+
+def check_no_unknown_keys(dcfg, obj, overrides: list[str]) -> None:
+    """Keys added with ``+``/``++`` that no schema field reads are errors, not silently dropped."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(dcfg, resolve=False)
+    raw.pop("hydra", None)
+    known = leaves(dataclasses.asdict(obj))
+    extra = sorted(k for k in leaves(raw) if k not in known and not any(k.startswith(p + ".") for p in known))
+    if extra:
+        key = extra[0]
+        given = next((o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].lstrip("+") == key), key)
+        raise UsageError(f"{given}: " + unknown_key_message(key, sorted(known)))
+
+
+# --- --help -------------------------------------------------------------------------------------
+def field_comments(cls: type) -> dict[str, str]:
+    """``name -> the comment after it`` in a dataclass's source (the schema's own one-line docs)."""
+    out = {}
+    for c in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(c):
+            continue
+        try:
+            src = inspect.getsource(c)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+):[^\n#]*#\s*(.+)$", src, re.M):
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def settings_lines(obj: Any, prefix: str = "", width: int = 28) -> list[str]:
+    """One line per field of a (nested) dataclass instance: key, default, comment."""
+    lines = []
+    comments = field_comments(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines += settings_lines(value, key + ".", width)
+            continue
+        shown = "null" if value is None else value
+        note = comments.get(f.name, "")
+        lines.append(f"  {key + '=' + str(shown):<{width}} {note}".rstrip())
+    return lines
+
+
+def groups_lines(config_dir: Path, groups: list[str]) -> list[str]:
+    lines = []
+    for g in groups:
+        opts = [o for o in _options(config_dir, g) if not o.endswith("_schema")]
+        if opts:
+            lines.append(f"  {g + '=':<16} {', '.join(opts)}")
+    return lines
