@@ -37,7 +37,7 @@ def test_config_is_a_hydra_structured_config(name):
     schema = OmegaConf.structured(cfg_cls())
     assert OmegaConf.to_object(schema) == cfg_cls()
     for f in dataclasses.fields(cfg_cls):
-        assert f.type in ("int", "bool", "str", "list[int]"), (name, f.name, f.type)
+        assert f.type in ("int", "bool", "str", "float", "float | None", "list[int]"), (name, f.name, f.type)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -36,9 +36,9 @@ def test_prev_token():
         assert all(tgts[i] == toks[i - 1] for i in masked)
 
 
-def test_induction():
+def test_induction_fixed_layout():
     L = 6
-    task = task_of("induction", n_symbols=10, half_len=L)
+    task = task_of("induction", n_symbols=10, half_len=L, layout="fixed")
     for toks, tgts, masked in rows_of(task):
         assert toks[0] == "BOS" and "BOS" not in toks[1:]
         assert toks[1 : L + 1] == toks[L + 1 :]
@@ -48,9 +48,9 @@ def test_induction():
             assert tgts[p] == toks[p - L + 1]
 
 
-def test_induction_corrupt_removes_the_induction_cue():
+def test_induction_corrupt_removes_the_induction_cue_fixed_layout():
     L = 6
-    task = task_of("induction", n_symbols=10, half_len=L)
+    task = task_of("induction", n_symbols=10, half_len=L, layout="fixed")
     b = task.sample(N, torch.Generator().manual_seed(0))
     c = task.corrupt(b, torch.Generator().manual_seed(1))
     assert torch.equal(c.tokens[:, L + 1 :], b.tokens[:, L + 1 :])
@@ -109,10 +109,11 @@ def test_modular_add():
         assert tgts[2] == str((a + b) % p)
 
 
-def test_modular_add_covers_all_pairs():
-    task = task_of("modular_add", p=5)
+def test_modular_add_training_samples_cover_the_training_pairs_only():
+    task = task_of("modular_add", p=5, frac_train=0.6)
     b = task.sample(2000, torch.Generator().manual_seed(0))
-    assert len(set(map(tuple, b.tokens[:, :2].tolist()))) == 25
+    assert set(map(tuple, b.tokens[:, :2].tolist())) == set(map(tuple, task.split_pairs("train").tolist()))
+    assert len(task.split_pairs("train")) == 15
 
 
 def test_modular_add_corrupt_resamples_a():
@@ -153,14 +154,14 @@ def test_brackets():
 
 
 def test_brackets_balanced_strings_are_uniform():
-    task = task_of("brackets", length=6)  # 5 balanced strings of length 6
+    task = task_of("brackets", length=6, frac_train=None)  # 5 balanced strings of length 6
     seen = Counter("".join(toks[1:-1]) for toks, tgts, _ in rows_of(task, 4000, seed=1) if tgts[-1] == "T")
     assert len(seen) == 5
     assert all(abs(k / 2000 - 0.2) < 0.04 for k in seen.values()), seen
 
 
 def test_brackets_shortest_length():
-    task = task_of("brackets", length=2)
+    task = task_of("brackets", length=2, frac_train=None)
     strings = Counter("".join(toks[1:-1]) for toks, _, _ in rows_of(task, 400))
     assert strings["()"] == 200 and set(strings) == {"()", ")(", "((", "))"}
 

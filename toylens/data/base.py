@@ -89,10 +89,21 @@ class Task:
         return correct.sum() / batch.loss_mask.sum().clamp(min=1)
 
     # --- helpers shared by all tasks ----------------------------------------------------------
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """What the training loop trains on each step: ``sample`` unless the task says otherwise
+        (modular_add's full batch)."""
+        return self.sample(batch_size, generator)
+
     def eval_set(self, size: int, seed: int, device: torch.device | str = "cpu") -> Batch:
-        """The fixed held-out set: the same ``seed`` always gives the same batch."""
+        """The fixed held-out set: the same ``seed`` always gives the same batch. Tasks with a fixed
+        split (modular_add, brackets, copy/reverse/sort) draw it from the held-out side only."""
         gen = torch.Generator(device=device).manual_seed(seed)
         return self.sample(size, gen)
+
+    def train_set(self, device: torch.device | str = "cpu") -> Batch | None:
+        """Every training example, when the task trains on a fixed finite set (modular_add); else None.
+        The loop evaluates it beside the held-out set (``eval/train_loss``, ``eval/train_accuracy``)."""
+        return None
 
     def describe(self) -> dict:
         return {

@@ -1,4 +1,4 @@
-"""Induction: ``[BOS, x_1..x_L, x_1..x_L]``; in the repeat, predict the token that followed last time."""
+"""Induction: a random segment ``x_1..x_L`` seen twice; in the repeat, predict the token that followed last time."""
 
 from __future__ import annotations
 
@@ -14,15 +14,23 @@ from toylens.data.tasks._common import next_token_targets, require, resample_dif
 class InductionConfig(TaskConfig):
     name: str = "induction"
     n_symbols: int = 50  # token ids 1..n_symbols (0 is BOS)
-    half_len: int = 24  # L: the random half that is then repeated
+    half_len: int = 16  # L: the random segment that is then repeated
+    layout: str = "random"  # random: the copies start at random offsets; fixed: [BOS, x, x]
+    pad: int = 16  # layout=random: filler tokens placed before, between and after the two copies
 
 
 @register_task
 class Induction(Task):
-    """Tokens ``[BOS, x_1..x_L, x_1..x_L]`` with ``x`` uniform (with replacement) over the symbols.
+    """``layout=random`` (default): ``[BOS, f.., x_1..x_L, f.., x_1..x_L, f..]``, ``pad`` uniform fillers
+    ``f`` in total, split at random: ``g`` uniform in ``0..pad`` between the copies, then ``b`` uniform in
+    ``0..pad-g`` before them and the rest after. The second copy is therefore ``L + g`` tokens after
+    the first and starts at a random position, so no fixed positional lookup predicts it: only
+    matching content (an induction circuit) does. ``layout=fixed``: ``[BOS, x_1..x_L, x_1..x_L]``
+    (the second copy always ``L`` tokens later, which a 2-layer model solves positionally).
 
-    Targets are the next token; ``loss_mask`` is true at positions ``L+1 .. 2L-1`` (inputs
-    ``x_1..x_{L-1}`` of the repeat), exactly where induction predicts the next token.
+    Every token (fillers too) is uniform over the symbols, with replacement. Targets are the next
+    token; ``loss_mask`` is true at the inputs ``x_1..x_{L-1}`` of the second copy, exactly where
+    induction predicts the next token.
     """
 
     name = "induction"
@@ -37,7 +45,13 @@ class Induction(Task):
             cfg.half_len,
             "must be at least 2 (the repeat needs one predictable token); raise it",
         )
+        require(cfg.layout in ("random", "fixed"), "layout", cfg.layout, "is unknown; choose random or fixed")
+        require(cfg.pad >= 0, "pad", cfg.pad, "must be >= 0 (the number of filler tokens)")
         super().__init__(cfg)
+
+    @property
+    def pad(self) -> int:
+        return self.cfg.pad if self.cfg.layout == "random" else 0
 
     @property
     def d_vocab(self) -> int:
@@ -45,35 +59,49 @@ class Induction(Task):
 
     @property
     def seq_len(self) -> int:
-        return 1 + 2 * self.cfg.half_len
+        return 1 + 2 * self.cfg.half_len + self.pad
 
     @property
     def token_names(self) -> list[str]:
         return ["BOS"] + symbol_names(self.cfg.n_symbols)
 
-    def _build(self, first: torch.Tensor, second: torch.Tensor) -> Batch:
-        bos = torch.full((first.shape[0], 1), self.BOS, dtype=first.dtype, device=first.device)
-        tokens = torch.cat([bos, first, second], dim=1)
-        loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        half = self.cfg.half_len
-        loss_mask[:, half + 1 : 2 * half] = True
-        return Batch(tokens, next_token_targets(tokens), loss_mask)
+    def _layout(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the gap ``g`` between the copies and the fillers ``b`` before the first."""
+        dev, pad = generator.device, self.pad
+        g = torch.randint(0, pad + 1, (batch_size,), generator=generator, device=dev)
+        b = (torch.rand(batch_size, generator=generator, device=dev) * (pad - g + 1)).long().clamp(max=pad - g)
+        return g, b
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        shape = (batch_size, self.cfg.half_len)
-        x = torch.randint(1, self.cfg.n_symbols + 1, shape, generator=generator, device=generator.device)
-        return self._build(x, x)
+        dev, L = generator.device, self.cfg.half_len
+        tokens = torch.randint(1, self.cfg.n_symbols + 1, (batch_size, self.seq_len), generator=generator, device=dev)
+        tokens[:, 0] = self.BOS
+        if self.pad == 0:
+            tokens[:, L + 1 :] = tokens[:, 1 : L + 1]
+            second = torch.full((batch_size,), L + 1, device=dev)
+        else:
+            g, b = self._layout(batch_size, generator)
+            first, second = 1 + b, 1 + b + L + g
+            ar = torch.arange(L, device=dev)
+            rows = torch.arange(batch_size, device=dev)[:, None]
+            tokens[rows, second[:, None] + ar] = tokens[rows, first[:, None] + ar]
+        return self._build(tokens, second)
+
+    def _build(self, tokens: torch.Tensor, second: torch.Tensor) -> Batch:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        loss_mask = (pos >= second[:, None]) & (pos < second[:, None] + self.cfg.half_len - 1)
+        return Batch(tokens, next_token_targets(tokens), loss_mask)
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
-        """A fresh random first half (every token differs from the clean one), the same second half.
+        """Every token before the second copy resampled to a different symbol (BOS kept); the second
+        copy and what follows it unchanged.
 
-        The repeat, ``loss_mask`` and the targets at the masked positions are unchanged: they are
-        the true next tokens of the corrupted sequence, which induction no longer predicts (the
-        first half that would give them away is gone): the token after the same position of the
-        corrupted first half, the induction "answer", differs from the target at every masked
-        position. (Targets inside the first half follow its new tokens; they are masked out.)
+        So the first copy, the induction cue, is gone, while ``loss_mask`` and the targets at the
+        masked positions (the second copy's own tokens) are unchanged: the token after the same
+        position of the corrupted first copy differs from the target at every masked position.
         """
-        half = self.cfg.half_len
-        first = batch.tokens[:, 1 : half + 1]
-        fresh = resample_different(first, 1, self.cfg.n_symbols + 1, generator)
-        return self._build(fresh, batch.tokens[:, half + 1 :])
+        second = batch.loss_mask.long().argmax(dim=1)
+        before = (torch.arange(batch.tokens.shape[1], device=second.device) < second[:, None])
+        before[:, 0] = False
+        fresh = resample_different(batch.tokens, 1, self.cfg.n_symbols + 1, generator)
+        return self._build(torch.where(before, fresh, batch.tokens), second)

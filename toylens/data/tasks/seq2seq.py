@@ -14,13 +14,22 @@ from jaxtyping import Float
 from torch import Tensor
 
 from toylens.data.base import Batch, Task, TaskConfig, register_task
-from toylens.data.tasks._common import next_token_targets, require, resample_different, symbol_names
+from toylens.data.tasks._common import (
+    check_split_sides,
+    draw_from_split,
+    next_token_targets,
+    require,
+    resample_different,
+    symbol_names,
+)
 
 
 @dataclass
 class SeqToSeqConfig(TaskConfig):
     n_symbols: int = 20  # token ids 2..n_symbols+1 (0 is BOS, 1 is SEP)
     length: int = 8  # n: symbols in the input, and in the answer
+    frac_train: float | None = 0.8  # share of all inputs trained on; the rest is held out. null: no split
+    split_seed: int = 0  # which inputs are held out; independent of the run's seed
 
 
 @dataclass
@@ -43,6 +52,11 @@ class _SeqToSeq(Task):
 
     Teacher-forced: targets are the next token and ``loss_mask`` is true at the SEP position and at
     ``y_1..y_{n-1}``, i.e. exactly the positions whose next token is an answer token.
+
+    Fixed split (``frac_train``, default 0.8): an input ``x`` is held out iff a fixed hash of ``x`` and
+    ``split_seed`` (``_common.split_u``) is ``>= frac_train``. ``sample`` draws training inputs only,
+    ``eval_set`` held-out inputs only (rows redrawn until on their side), so no held-out input is ever
+    trained on, also when the input space is small (short sorts: 20^3 = 8,000 inputs at length 3).
     """
 
     config_cls: ClassVar[type[SeqToSeqConfig]]
@@ -53,6 +67,12 @@ class _SeqToSeq(Task):
     def __init__(self, cfg: SeqToSeqConfig):
         require(cfg.n_symbols >= 2, "n_symbols", cfg.n_symbols, "must be at least 2; raise it")
         require(cfg.length >= 1, "length", cfg.length, "must be at least 1; raise it")
+        f = cfg.frac_train
+        require(f is None or 0 < f < 1, "frac_train", f, "must be in (0, 1), or null for no split")
+        if f is not None and cfg.n_symbols**cfg.length <= 2**16:  # small enough to list every input
+            codes = torch.arange(cfg.n_symbols**cfg.length)
+            digits = codes[:, None] // cfg.n_symbols ** torch.arange(cfg.length) % cfg.n_symbols
+            check_split_sides(self.name, digits + self.FIRST_SYMBOL, torch.zeros_like(codes), f, cfg.split_seed)
         super().__init__(cfg)
 
     def _answer(self, x: Tensor) -> Tensor:
@@ -82,12 +102,23 @@ class _SeqToSeq(Task):
         loss_mask[:, n + 1 : 2 * n + 1] = True
         return Batch(tokens, next_token_targets(tokens), loss_mask)
 
+    def _inputs(self, batch_size: int, generator: torch.Generator, held_out: bool | None) -> Tensor:
+        def draw(rows: Tensor) -> Tensor:
+            shape = (len(rows), self.cfg.length)
+            return torch.randint(self.FIRST_SYMBOL, self.d_vocab, shape, generator=generator, device=generator.device)
+
+        if held_out is None or self.cfg.frac_train is None:
+            return draw(torch.arange(batch_size))
+        return draw_from_split(draw, batch_size, generator.device, held_out, self.cfg.frac_train, self.cfg.split_seed)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        shape = (batch_size, self.cfg.length)
-        x = torch.randint(
-            self.FIRST_SYMBOL, self.d_vocab, shape, generator=generator, device=generator.device
-        )
-        return self._build(x)
+        """Training inputs (any inputs when ``frac_train`` is null)."""
+        return self._build(self._inputs(batch_size, generator, held_out=False))
+
+    def eval_set(self, size: int, seed: int, device: torch.device | str = "cpu") -> Batch:
+        """``size`` held-out inputs, fixed by ``seed`` (any inputs when ``frac_train`` is null)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return self._build(self._inputs(size, gen, held_out=True))
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
         """A fresh input whose every symbol differs from the clean one; the answer is recomputed.
