@@ -103,7 +103,7 @@ def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator
     fwd = torch.compile(forward) if t.compile else forward
 
     def step() -> tuple[torch.Tensor, float]:
-        batch = task.sample(t.batch_size, gen)
+        batch = task.train_batch(t.batch_size, gen)  # modular_add: the full training split
         targets = batch.targets.masked_fill(~batch.loss_mask, -100)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             logits = fwd(batch.tokens)
@@ -172,6 +172,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[
     opt, sched = make_optimizer(model, o, schedule_steps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     eval_batch = task.eval_set(t.eval_size, t.eval_seed, device)
+    train_set = task.train_set(device)  # a fixed finite training split (modular_add) is evaluated too
 
     forward = pick_forward(model, t.fast_forward)
     train_step = make_train_step(model, forward, opt, sched, task, gen, cfg)
@@ -247,6 +248,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[
             if step % t.eval_every == 0 or step == t.steps:
                 eval_loss, eval_acc = evaluate(forward, task, eval_batch)
                 row.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+                if train_set is not None:
+                    row.update(zip(("eval/train_loss", "eval/train_accuracy"), evaluate(forward, task, train_set)))
                 stop_reason = stop_target_reached(t, eval_loss, eval_acc)
                 stopped_early = stop_reason is not None
             if row:
