@@ -64,3 +64,25 @@ def test_bad_layout_names_the_field():
             assert str(e).startswith(f"task.{field}=")
         else:
             raise AssertionError(cfg)
+
+
+def test_distinct_segment_makes_every_answer_unique():
+    task = task_of(n_symbols=20, half_len=8, pad=8)
+    b = task.sample(300, torch.Generator().manual_seed(0))
+    for row, mask in zip(b.tokens.tolist(), b.loss_mask.tolist(), strict=True):
+        for q in (i for i, m in enumerate(mask) if m):
+            assert row[1:q].count(row[q]) == 1  # exactly one earlier occurrence: one possible answer
+    loose = task_of(n_symbols=20, half_len=8, pad=8, distinct=False).sample(300, torch.Generator().manual_seed(0))
+    repeats = [row[1:q].count(row[q]) > 1 for row, mask in zip(loose.tokens.tolist(), loose.loss_mask.tolist(),
+                                                                strict=True) for q, m in enumerate(mask) if m]
+    assert sum(repeats) > 0.2 * len(repeats)  # with replacement many answers are ambiguous
+
+
+def test_distinct_needs_enough_symbols():
+    try:
+        task_of(n_symbols=16, half_len=16, pad=4)
+    except ValueError as e:
+        assert str(e).startswith("task.n_symbols=16") and "distinct=false" in str(e)
+    else:
+        raise AssertionError("accepted 16 symbols for a 16-symbol segment plus fillers")
+    assert task_of(n_symbols=16, half_len=16, layout="fixed").seq_len == 33

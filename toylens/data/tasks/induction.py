@@ -17,6 +17,7 @@ class InductionConfig(TaskConfig):
     half_len: int = 16  # L: the random segment that is then repeated
     layout: str = "random"  # random: the copies start at random offsets; fixed: [BOS, x, x]
     pad: int = 16  # layout=random: filler tokens placed before, between and after the two copies
+    distinct: bool = True  # the segment's symbols are distinct and fillers avoid them: every answer is unique
 
 
 @register_task
@@ -28,7 +29,10 @@ class Induction(Task):
     matching content (an induction circuit) does. ``layout=fixed``: ``[BOS, x_1..x_L, x_1..x_L]``
     (the second copy always ``L`` tokens later, which a 2-layer model solves positionally).
 
-    Every token (fillers too) is uniform over the symbols, with replacement. Targets are the next
+    ``distinct`` (default): the segment is ``L`` distinct symbols and the fillers are drawn (with
+    replacement) from the other symbols, so every masked token occurs exactly once before its copy
+    and the answer is determined (accuracy 1.0 is reachable). Otherwise every token is uniform with
+    replacement, and a symbol seen twice before makes its answer ambiguous. Targets are the next
     token; ``loss_mask`` is true at the inputs ``x_1..x_{L-1}`` of the second copy, exactly where
     induction predicts the next token.
     """
@@ -47,6 +51,10 @@ class Induction(Task):
         )
         require(cfg.layout in ("random", "fixed"), "layout", cfg.layout, "is unknown; choose random or fixed")
         require(cfg.pad >= 0, "pad", cfg.pad, "must be >= 0 (the number of filler tokens)")
+        need = cfg.half_len + (cfg.layout == "random" and cfg.pad > 0)
+        require(not cfg.distinct or cfg.n_symbols >= need, "n_symbols", cfg.n_symbols,
+                f"is too few for distinct=true (a segment of half_len={cfg.half_len} distinct symbols, "
+                f"fillers from the rest); use n_symbols>={need} or task.distinct=false")
         super().__init__(cfg)
 
     @property
@@ -72,19 +80,33 @@ class Induction(Task):
         b = (torch.rand(batch_size, generator=generator, device=dev) * (pad - g + 1)).long().clamp(max=pad - g)
         return g, b
 
+    def _symbols(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment ``[batch, L]`` and the fillers ``[batch, pad]`` (see ``distinct``)."""
+        dev, n, L = generator.device, self.cfg.n_symbols, self.cfg.half_len
+        if not self.cfg.distinct:
+            x = torch.randint(1, n + 1, (batch_size, L + self.pad), generator=generator, device=dev)
+            return x[:, :L], x[:, L:]
+        perm = torch.rand((batch_size, n), generator=generator, device=dev).argsort(dim=1) + 1
+        pick = torch.randint(L, n, (batch_size, self.pad), generator=generator, device=dev) if self.pad else None
+        return perm[:, :L], (perm.gather(1, pick) if self.pad else perm[:, :0])
+
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         dev, L = generator.device, self.cfg.half_len
-        tokens = torch.randint(1, self.cfg.n_symbols + 1, (batch_size, self.seq_len), generator=generator, device=dev)
-        tokens[:, 0] = self.BOS
+        x, fill = self._symbols(batch_size, generator)
+        tokens = torch.full((batch_size, self.seq_len), self.BOS, device=dev)
         if self.pad == 0:
-            tokens[:, L + 1 :] = tokens[:, 1 : L + 1]
+            tokens[:, 1 : L + 1] = tokens[:, L + 1 :] = x
             second = torch.full((batch_size,), L + 1, device=dev)
         else:
             g, b = self._layout(batch_size, generator)
             first, second = 1 + b, 1 + b + L + g
-            ar = torch.arange(L, device=dev)
-            rows = torch.arange(batch_size, device=dev)[:, None]
-            tokens[rows, second[:, None] + ar] = tokens[rows, first[:, None] + ar]
+            pos = torch.arange(self.seq_len, device=dev)
+            in_first = (pos >= first[:, None]) & (pos < first[:, None] + L)
+            in_second = (pos >= second[:, None]) & (pos < second[:, None] + L)
+            filler = (pos > 0) & ~in_first & ~in_second
+            tokens[in_first] = x.flatten()
+            tokens[in_second] = x.flatten()
+            tokens[filler] = fill.flatten()  # row-major order: each row's fillers in position order
         return self._build(tokens, second)
 
     def _build(self, tokens: torch.Tensor, second: torch.Tensor) -> Batch:
