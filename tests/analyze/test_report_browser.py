@@ -144,3 +144,81 @@ def test_sorting_and_that_console_errors_would_be_seen(report_dir, tmp_path):
 def _natural(s: str) -> list:
     # the page sorts text with localeCompare(numeric: true); compare case-insensitively, digits as numbers
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+GEOMETRY = r"""
+<script>
+(function () {
+  function rect(el) { var r = el.getBoundingClientRect(); return {l: r.left, t: r.top, r: r.right, b: r.bottom}; }
+  function hit(a, b) { return a.l < b.r && b.l < a.r && a.t < b.b && b.t < a.b && a.r > a.l && b.r > b.l; }
+  function check() {
+    if (document.body.getAttribute("data-all-rendered") !== "1") { setTimeout(check, 50); return; }
+    var out = [];
+    Array.prototype.forEach.call(document.querySelectorAll("div.tl-plot"), function (div) {
+      var mb = div.querySelector(".modebar"), box = rect(div.querySelector("svg.main-svg"));
+      var item = {id: div.id, modebar: mb ? rect(mb) : null, overlaps: [], clipped: [], titles: 0};
+      var texts = [];
+      var cap = div.parentNode.querySelector("figcaption");
+      if (cap && cap.textContent) { texts.push(["caption", cap]); }
+      Array.prototype.forEach.call(div.querySelectorAll(".gtitle, .annotation-text, .g-xtitle text, .g-ytitle text"),
+        function (t) { texts.push([t.textContent.slice(0, 40), t]); });
+      item.titles = texts.length;
+      if (mb) { texts.forEach(function (p) { if (hit(rect(mb), rect(p[1]))) { item.overlaps.push(p[0]); } }); }
+      Array.prototype.forEach.call(div.querySelectorAll(".xtick text, .ytick text, .g-xtitle text"), function (t) {
+        var r = rect(t);
+        var out_of_box = r.l < box.l - 0.5 || r.r > box.r + 0.5 || r.b > box.b + 0.5;
+        if (r.r > r.l && out_of_box) { item.clipped.push(t.textContent); }
+      });
+      out.push(item);
+    });
+    var pre = document.createElement("pre"); pre.id = "geometry"; pre.textContent = JSON.stringify(out);
+    document.body.appendChild(pre);
+  }
+  check();
+})();
+</script>
+"""
+
+
+def _geometry(report_dir: Path, profile: Path, page_html: str) -> list[dict]:
+    page = report_dir / "geometry.html"
+    page.write_text(page_html.replace("</body>", GEOMETRY + "</body>"))
+    try:
+        dom, _ = chromium(page, profile)
+    finally:
+        page.unlink()
+    text = re.search(r'<pre id="geometry">(.*?)</pre>', dom, flags=re.S).group(1)
+    return json.loads(text.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+
+
+def test_toolbar_never_covers_a_title_and_no_axis_label_is_clipped(report_dir, tmp_path):
+    """Every figure: plotly's toolbar box intersects no title, caption or axis-title box, and every tick
+    label lies inside the figure (the ablation chart's first rotated hook name was cut off). A copy
+    of the page with one figure's title put back inside the plot, under the toolbar, is caught."""
+    page = (report_dir / "index.html").read_text()
+    geometry = _geometry(report_dir, tmp_path / "p1", page)
+    assert len(geometry) == len(json.loads((report_dir / "report.json").read_text())["figures"])
+    assert all(g["modebar"] is not None and g["titles"] >= 1 for g in geometry)
+    assert [g for g in geometry if g["overlaps"]] == []
+    assert [g for g in geometry if g["clipped"]] == []
+    fig_id = "fig-attention-L0H0"
+    m = re.search(rf'(<script type="application/json" id="data-{fig_id}">)(.*?)(</script>)', page, flags=re.S)
+    spec = json.loads(m.group(2))
+    spec["layout"]["title"] = {"text": "A long title that runs under the toolbar " * 3, "x": 0.02}
+    spec["layout"]["margin"]["t"] = 30
+    broken = page.replace(m.group(0), m.group(1) + json.dumps(spec) + m.group(3))
+    caught = {g["id"]: g for g in _geometry(report_dir, tmp_path / "p2", broken)}
+    assert caught[fig_id]["overlaps"], caught[fig_id]
+
+
+def test_page_screenshot(report_dir, tmp_path):
+    """The whole first screen as a PNG (kept in the test's tmp dir for a look): a real, non-blank image."""
+    shot = tmp_path / "report.png"
+    p = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp_path / 'p'}", "--hide-scrollbars",
+                        "--window-size=1400,2400", f"--screenshot={shot}", (report_dir / "index.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1400, 2400) and len(data) > 50_000  # a blank page compresses to a few kB

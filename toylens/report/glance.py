@@ -104,6 +104,4 @@ def highlights(ctx) -> dict:
                                            f"Δ {_num(r['delta_loss'])}"])
     for e in data.get("errors", []):
         rows.append([f"{e['analysis']} failed", e["error"]])
-    for lo in data.get("left_out", []):
-        rows.append([f"{lo['analysis']} left out", lo["reason"]])
     return h

@@ -301,6 +301,11 @@ def ablation(ctx: Context) -> Section:
             # Fixed bottom margin for the rotated hook names: plotly's automargin can loop here
             # ("Too many auto-margin redraws") when the page width changes.
             f.fig.update_xaxes(tickangle=-45, automargin=False)
+            xs = f.fig.data[0].x if f.fig.data and getattr(f.fig.data[0], "x", None) is not None else []
+            first = max((len(str(x)) for x in list(xs)[:5]), default=0)
+            # a name rotated 45 degrees reaches left of its tick by ~0.71 x its width (~7 px a character);
+            # on a narrow page the first few ticks are a few px apart, so each of them must fit
+            f.fig.update_layout(margin_l=max(60, int(0.71 * 7 * first) + 16))
     return Section("ablation", "Ablating every hook", (
         "Each activation in turn is replaced by its average over a separate reference batch (mean "
         "ablation; zero and resample are other choices) and the loss is measured again. The bigger the rise "
