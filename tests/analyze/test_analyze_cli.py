@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from toylens.report import cli
 from toylens.runs import checkpoint as ck
@@ -136,3 +137,131 @@ def test_entry_point_in_a_subprocess(trained, tmp_path):
     assert p.returncode == 2, p.stderr
     _assert_one_line(p.stderr, "no such directory")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- issue 11: nothing lost, nothing silently wrong, one line where a traceback was ----------------
+LONG = " ".join(["1"] * 20)  # 20 tokens (+BOS) > n_ctx 12
+CATALOGUE = [
+    (["run={run}", "step=last"], ["step=last", "step=null"]),
+    (["run={run}", "+foo=1"], ["foo is not a setting"]),
+    (["run={run}", "batch.sise=3"], ["batch.sise", "batch.size"]),
+    (["run={run}", "out={tmp}/elsewhere"], ["out=", "model=pretrained"]),
+    (["run={run}", "analyses=[patching]", "pairs.clean=[qq zz]", "pairs.corrupted=[zz qq]", "pairs.answers=[1]",
+      "pairs.wrong_answers=[2]"], ["qq"]),
+    (["run={run}", "analyses=[patching]", f"pairs.clean=[{LONG}]", f"pairs.corrupted=[{LONG}]",
+      "pairs.answers=[1]", "pairs.wrong_answers=[2]"], ["n_ctx"]),
+    (["run={run}", "analyses=[patching]", "pairs.clean=[1 2 3]", "pairs.corrupted=[2 3 4]",
+      "pairs.answers=[1 2]"], ["wrong_answers"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", CATALOGUE)
+def test_catalogue_exits_2_with_one_line_and_writes_nothing(trained, cwd, monkeypatch, capsys, args, needles):
+    args = [a.format(tmp=cwd.parent, run=trained) for a in args]
+    run_before, cwd_before = _tree(trained), _tree(cwd.parent)
+    got, out, err = call(monkeypatch, capsys, *args, *SMALL)
+    assert got == 2, err
+    assert "Traceback" not in err
+    _assert_one_line(err, *needles)
+    assert _tree(trained) == run_before and _tree(cwd.parent) == cwd_before
+
+
+@pytest.mark.parametrize("line,needle", [("42", "not a JSON object"), (b"\xff\xfe{", "not UTF-8")])
+def test_bad_metrics_line_is_one_line(trained, cwd, monkeypatch, capsys, line, needle):
+    run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
+    m = run_dir / "metrics.jsonl"
+    raw = line if isinstance(line, bytes) else line.encode()
+    m.write_bytes(raw + b"\n" + m.read_bytes())
+    before = _tree(run_dir)
+    got, out, err = call(monkeypatch, capsys, f"run={run_dir}", *SMALL)
+    assert got == 2
+    _assert_one_line(err, "metrics.jsonl", needle)
+    assert _tree(run_dir) == before
+
+
+def test_a_foreign_report_folder_is_never_replaced(trained, cwd, monkeypatch, capsys):
+    """out= (pretrained) and a run's report/ only ever replace a report toylens wrote (issue 11, item 1)."""
+    run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
+    shutil.rmtree(run_dir / "report", ignore_errors=True)
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "notes.txt").write_text("mine")
+    got, out, err = call(monkeypatch, capsys, f"run={run_dir}", *SMALL, "analyses=[attention]")
+    assert got == 2
+    _assert_one_line(err, str(run_dir / "report"), "toylens did not write")
+    assert [p.name for p in (run_dir / "report").iterdir()] == ["notes.txt"]
+    for kind in ("dir", "file"):
+        target = cwd.parent / f"precious-{kind}"
+        (target.mkdir() or (target / "thesis.tex").write_text("x")) if kind == "dir" else target.write_text("x")
+        before = _tree(cwd.parent)
+        got, out, err = call(monkeypatch, capsys, "model=pretrained", "model.name=gpt2", "pairs.clean=[a]",
+                             "pairs.corrupted=[b]", "pairs.answers=[c]", "pairs.wrong_answers=[d]", f"out={target}")
+        assert got == 2
+        _assert_one_line(err, f"out={target}")
+        assert _tree(cwd.parent) == before
+
+
+def test_rerun_replaces_its_own_report_which_carries_the_marker(trained, cwd, monkeypatch, capsys):
+    from toylens.report.html import REPORT_MARKER
+
+    run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
+    for _ in range(2):
+        got, out, err = call(monkeypatch, capsys, f"run={run_dir}", *SMALL, "analyses=[attention]")
+        assert got == 0, err
+        assert (run_dir / "report" / REPORT_MARKER).is_file()
+
+
+def test_read_only_destination_fails_before_any_analysis(trained, cwd, monkeypatch, capsys):
+    import errno
+
+    from toylens.report import build, html
+
+    run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(html.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(build, "build_report", lambda *a, **k: pytest.fail("analyses ran before the check"))
+    got, out, err = call(monkeypatch, capsys, f"run={run_dir}", *SMALL)
+    assert got == 2
+    _assert_one_line(err, "Read-only file system")
+
+
+def test_concurrent_report_writers_take_turns(tmp_path):
+    """Eight writers on one folder: every write lands whole, none fails with 'Directory not empty'."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toylens.report.html import REPORT_MARKER, write_report
+    from toylens.report.page import Report
+
+    out = tmp_path / "report"
+
+    def write(i):
+        return write_report(Report(title=f"r{i}", run_name="x", data={"i": i}), out)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(write, range(8)))
+    assert all(r == out / "index.html" for r in results)
+    assert json.loads((out / "report.json").read_text())["i"] in range(8) and (out / REPORT_MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temp or .old folders left
+
+
+def test_checkpoint_pruned_while_analysing_is_pinned(trained, cwd, monkeypatch, capsys):
+    """A run still training may prune the checkpoint analyze chose: it was read into memory first."""
+    from toylens.runs.run import load_run
+
+    run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
+    run = load_run(run_dir)
+    step = run.pin()
+    ck.weights_path(run_dir, step).unlink()  # pruned by the training process
+    ck.state_path(run_dir, step).unlink()
+    model = run.model(step)
+    saved = ck.load_weights(trained, step)
+    assert torch.equal(model.W_E.detach(), saved["embed.W_E"])
+
+
+def test_help_lists_analyze_settings_only(monkeypatch, capsys):
+    code, out, err = call(monkeypatch, capsys, "--help")
+    assert code == 0 and out.startswith("toylens-analyze: analyse")
+    assert "_schema" not in out and "model=           run, pretrained" in out
+    assert "batch.size=2000" in out and "experiment=" not in out and "task=" not in out

@@ -55,13 +55,105 @@ def test_invalid_config_exits_2_with_one_line_and_leaves_nothing(tmp_path, overr
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and field in lines[0] and lines[0].startswith("toylens-train: error:"), p.stderr
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*"))
+    assert list(tmp_path.iterdir()) == []  # not even an empty checkpoints/
 
 
 def test_typo_fails_at_composition_without_a_run_directory(tmp_path):
     p = run_cli(["model.d_modle=64"], cwd=tmp_path)
-    assert p.returncode != 0 and "d_modle" in p.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    assert p.returncode == 2 and "d_modle" in p.stderr and "Traceback" not in p.stderr
+    assert "+model" not in p.stderr and "did you mean model.d_model" in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the catalogue (issue 11): each bad command line is exit 2, one line naming the field, and
+# nothing written anywhere (no run directory, no empty checkpoints/ in the working directory).
+# In-process: the config is composed and validated before Hydra starts, so nothing heavy runs.
+CATALOGUE = [
+    (["task.d_vocab=1"], "task.d_vocab"),
+    (["task.seq_len=1"], "task.seq_len"),
+    (["task=modular_add", "task.p=1"], "task.p"),
+    (["task=icl", "task.ks=[0,1,5]"], "task.ks"),
+    (["task=icl", "task.rule=shift"], "task.group_size"),
+    (["task=icl", "task.n_symbols=2"], "task.n_symbols"),
+    (["task=induction", "task.half_len=1"], "task.half_len"),
+    (["task=copy", "task.length=0"], "task.length"),
+    (["optim.eps=-1"], "optim.eps"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["model.rotary_base=0"], "model.rotary_base"),
+    (["model=no_pos_2l", "model.rotary_base=500"], "model.rotary_base"),
+    (["model=no_pos_2l", "model.rotary_dim=8"], "model.rotary_dim"),
+    (["device=mps"], "device=mps"),
+    (["model.d_model=1000000000"], "model.d_model"),
+    (["train.batch_size=100000000"], "train.batch_size"),
+    (["train.eval_size=100000000"], "train.eval_size"),
+    (["checkpoint_root=/proc/forbidden"], "checkpoint_root"),
+    (["+model.d_modle=128"], "model.d_modle"),
+    (["+train.stepz=5"], "train.stepz"),
+    (["++train.stepz=5"], "train.stepz"),
+    (["+foo=1"], "foo"),
+    (["model.d_modle=128"], "model.d_modle"),
+    (["task=nonexistent_task"], "task=nonexistent_task"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["train.stop_at_accuracy=2"], "train.stop_at_accuracy"),
+    (["threads=0"], "threads"),
+    (["optim.schedule_steps=0"], "optim.schedule_steps"),
+    (["seed=[1"], "seed=[1"),
+]
+
+
+def _main_in_process(monkeypatch, capsys, args):
+    from toylens.train import cli
+
+    monkeypatch.setattr(sys, "argv", ["toylens-train", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, *capsys.readouterr()
+
+
+def _everything(d: Path) -> list:
+    return sorted(str(p) for p in d.rglob("*"))
+
+
+@pytest.mark.parametrize("args,field", CATALOGUE, ids=[" ".join(a) for a, _ in CATALOGUE])
+def test_catalogue_exit_2_one_line_field_named_nothing_written(tmp_path, monkeypatch, capsys, args, field):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main_in_process(monkeypatch, capsys, ["debug=fast", "device=cpu", *args])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert 1 <= len(lines) <= 2 and "Traceback" not in err and field in lines[0], err
+    assert lines[0].startswith("toylens-train: error:")
+    assert "_schema" not in err and "+model.d_model" not in err
+    assert out == "" and _everything(tmp_path) == []
+
+
+def test_unknown_option_lists_no_schema_entries(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main_in_process(monkeypatch, capsys, ["task=nonexistent_task"])
+    assert code == 2 and "prev_token" in err and "induction" in err and "schema" not in err
+
+
+def test_corrupt_saved_config_on_resume_is_one_line(tmp_path, monkeypatch, capsys, tiny_run):
+    run = tiny_run(tmp_path / "run")
+    (run / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    monkeypatch.chdir(tmp_path)
+    before = _everything(tmp_path)
+    code, out, err = _main_in_process(monkeypatch, capsys, [f"resume={run}"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "config.yaml" in err and "Traceback" not in err
+    assert _everything(tmp_path) == before
+
+
+def test_help_says_what_it_does_and_lists_groups_and_keys(monkeypatch, capsys):
+    code, out, err = _main_in_process(monkeypatch, capsys, ["--help"])
+    assert code == 0 and out.startswith("toylens-train: train a small TransformerLens model")
+    assert "_schema" not in out
+    for needle in ("task=", "prev_token", "-m ", "resume=<run dir>", "hydra/launcher=", "joblib",
+                   "model.d_model=64", "train.stop_at_accuracy", "threads=1"):
+        assert needle in out, needle
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
+    assert len(keys) == len(set(keys)) > 40  # one line per key
 
 
 def test_multirun_gives_one_directory_per_seed(tmp_path):
@@ -127,3 +219,34 @@ def test_every_module_is_in_a_listed_package():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "toylens").rglob("*.py")}
     assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages"
+
+
+def test_second_process_is_refused_then_ctrl_c_is_one_line_and_resume_continues(tmp_path):
+    """A run directory has one writer: a second toylens-train (new run or resume=) gets one line naming the
+    holder's pid; Ctrl-C ends the holder with one line and exit 130; then resume= works."""
+    run = tmp_path / "run"
+    args = ["experiment=no_pos_prev_token", *TINY, "train.batch_size=16", "train.steps=100000",
+            "train.checkpoint_every=20", "train.eval_every=1000", "train.stop_at_eval_loss=null"]
+    proc = subprocess.Popen([sys.executable, "-m", "toylens.train.cli", *args, f"hydra.run.dir={run}"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ck.list_checkpoints(run):
+            time.sleep(0.05)
+        assert ck.list_checkpoints(run), "the run never checkpointed"
+        for extra in ([*args, f"hydra.run.dir={run}"], [f"resume={run}"]):
+            p = run_cli(extra, cwd=tmp_path)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and f"in use by process {proc.pid}" in lines[0], p.stderr
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = ck.list_checkpoints(run)[-1]
+    assert lines[-1].startswith("toylens-train: error: interrupted at step ")
+    assert lines[-1].endswith(f"the last checkpoint is step {last}; continue with toylens-train resume={run}")
+    p = run_cli([f"resume={run}", f"train.steps={last + 10}"], cwd=tmp_path)
+    assert p.returncode == 0 and ck.list_checkpoints(run)[-1] == last + 10, p.stderr
+    assert "stopped at step" not in p.stderr and f"toylens: step {last + 10}, eval/loss" in p.stderr

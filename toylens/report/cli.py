@@ -71,6 +71,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
     from toylens.model.fold import FoldCheckError  # TransformerLens: seconds, so only past the input checks
 
     try:
+        _check_prompts(run, cfg)  # before the work: bad prompts are bad input, not a failed analysis
         index = make_report(run, cfg)
     except (ConfigError, RunError, PairsError, PromptError) as e:  # e.g. device=cuda without CUDA, bad prompts
         _fail_or_raise(e, 2, multirun)
@@ -79,6 +80,16 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
     print(f"toylens-analyze: report of {run.name} (step {run.check_step(cfg.step)}):", file=sys.stderr)
     print(index)
     return str(index)
+
+
+def _check_prompts(run, cfg) -> None:
+    """Tokenize ``pairs.*`` prompts with the run's tokenizer now (PairsError, one line) when an analysis uses them."""
+    p = cfg.pairs
+    if not p.clean or not {"patching", "tracing"} & set(cfg.analyses):
+        return
+    from toylens.analyze.prompts import pairs_from_prompts
+
+    pairs_from_prompts(run.model(cfg.step), p.clean, p.corrupted, p.answers, p.wrong_answers or None)
 
 
 def _pretrained(cfg, multirun: bool) -> str:

@@ -215,7 +215,8 @@ def ablation_csv(data: dict) -> str:
 
 
 def write_page(out_dir: Path, data: dict, sections: list[Section]) -> Path:
-    """Write ``out_dir/{index.html, report.json, ablation.csv, plotly.min.js}`` atomically; returns index.html."""
+    """Write ``out_dir/{index.html, report.json, ablation.csv, plotly.min.js}`` atomically; returns index.html.
+    Like a run's report: only a folder toylens wrote is replaced, one writer at a time (``html._swap_in``)."""
     from plotly.offline import get_plotlyjs
 
     out_dir = Path(out_dir)
