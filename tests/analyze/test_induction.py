@@ -147,7 +147,10 @@ def test_scores_and_losses_equal_direct_computation():
 
 
 def test_repeat_spec_fits_only_repeat_tasks():
-    spec, why = repeat_spec(make_task(TASKS["induction"].config_cls(n_symbols=20, half_len=8)))
+    cls = TASKS["induction"].config_cls
+    spec, why = repeat_spec(make_task(cls(n_symbols=20, half_len=8, layout="fixed")))
+    assert why == "" and spec == RepeatSpec(half_len=6, low=1, high=21, bos=0)  # not the trained offset 8
+    spec, why = repeat_spec(make_task(cls(n_symbols=20, half_len=8, layout="random", pad=4)))
     assert why == "" and spec == RepeatSpec(half_len=8, low=1, high=21, bos=0)
     tokens = repeated_tokens(spec, 5, 0)
     assert tokens.shape == (5, 17) and (tokens[:, 0] == 0).all()

@@ -58,13 +58,20 @@ class RepeatSpec:
 
 
 def repeat_spec(task, n_ctx: int | None = None) -> tuple[RepeatSpec | None, str]:
-    """(spec, "") for a task whose sequences repeat a random segment, else (None, the reason)."""
+    """(spec, "") for a task whose sequences repeat a random segment, else (None, the reason).
+
+    The analysis segment has the task's length L, except with the task's fixed layout ``[BOS, x, x]``:
+    there a head can find the induction key by position alone (always L - 1 back), so the analysis
+    uses ``L - max(1, L // 4)`` and only a head that matches content scores on the repeat.
+    """
     cfg = task.cfg
     if "induction" not in task.name or not hasattr(cfg, "n_symbols"):
         return None, (f"task {task.name!r} has no repeated random segments (induction scores need an "
                       f"induction task, e.g. experiment=induction_heads)")
     bos = getattr(task, "BOS", None)
     half = getattr(cfg, "half_len", None) or (task.seq_len - (bos is not None)) // 2
+    if getattr(cfg, "layout", "fixed") == "fixed" and half > 2:
+        half -= max(1, half // 4)
     n_ctx = task.seq_len if n_ctx is None else min(n_ctx, task.seq_len)
     half = min(half, (n_ctx - (bos is not None)) // 2)
     low = 1 if bos == 0 else 0

@@ -14,6 +14,7 @@ TITLES = {"overview": "Model card", "training": "Training curves", "fold": "Laye
           "dla": "Direct logit attribution", "logit_lens": "Logit lens", "neurons": "MLP neurons",
           "ablation": "Ablating every hook", "patching": "Activation patching", "tracing": "Causal tracing",
           "task_vectors": "Task vectors (in-context rules)", "dynamics": "Training dynamics",
+          "induction": "Induction heads", "fourier": "Grokking: modular addition in the Fourier basis",
           "equivalence": "Hugging Face vs TransformerLens", "test_prompt": "The first prompt"}
 SECTION_IDS = {"overview": "model"}  # builder name -> section id, where they differ
 
@@ -22,6 +23,10 @@ def left_out_reason(name: str, ctx) -> str | None:
     """Why analysis ``name`` does not apply to ``ctx``'s model or run (one line), or None when it does."""
     cfg = ctx.model.cfg
     task = None if ctx.run is None else ctx.run.task
+    if name in ("induction", "fourier"):
+        from toylens.report.canon import left_out
+
+        return left_out(name, ctx)
     if name == "neurons" and cfg.attn_only:
         return "the model is attention-only: it has no MLP neurons"
     if name == "task_vectors" and (task is None or task.name != "icl"):

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from toylens.report.config import ANALYSES, INTERVENTIONS, AnalyzeConfig, validate
+from toylens.report.config import ANALYSES, CANON, INTERVENTIONS, AnalyzeConfig, validate
 from toylens.report.glance import highlights
 from toylens.report.page import Figure, Report
 from toylens.runs.config import resolve_device
@@ -39,10 +39,12 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     if model is None:
         model = run.model(step, device=device)
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
+    from toylens.report import canon as rc
     from toylens.report import interventions as ri
 
     builders = [("overview", rs.overview), ("training", rs.training)] + [
-        (name, getattr(ri if name in INTERVENTIONS else rs, name)) for name in ANALYSES if name in cfg.analyses]
+        (name, getattr(rc if name in CANON else ri if name in INTERVENTIONS else rs, name))
+        for name in ANALYSES if name in cfg.analyses]
     if cfg.over == "checkpoints":
         from toylens.report.dynamics import dynamics
 

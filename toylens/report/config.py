@@ -16,10 +16,11 @@ from toylens.runs.config import ConfigError
 from toylens.runs.run import ANALYSIS_SEED, FOLD_TOL
 
 # In page order. "circuits" folds the model itself when "fold" is not asked for.
-ANALYSES = ("fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation", "patching", "tracing",
-            "task_vectors")
+ANALYSES = ("fold", "induction", "fourier", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation",
+            "patching", "tracing", "task_vectors")
 # Sections built by report_interventions (the others by report_sections).
 INTERVENTIONS = ("patching", "tracing", "task_vectors")
+CANON = ("induction", "fourier")  # built by report.canon; a run whose task does not fit gets the reason
 ABLATION_MODES = ("mean", "zero", "resample")
 
 

@@ -55,6 +55,11 @@ def dynamics(ctx) -> Section:
             text = "no head's previous_token score rises"
         summary.append([f"previous-token head formed ({FORMED_AT:.0%} of its rise)", text])
     section.blocks.append(Table(["", "value"], summary))
+    from toylens.report.canon import canon_dynamics_blocks  # induction / grokking runs: their finding first
+
+    canon = canon_dynamics_blocks(ctx)
+    if canon:
+        section.blocks += [*canon, "Every head and hook over training"]
     figs = res.figures()
     metrics = [(r["step"], r["eval/loss"]) for r in ctx.run.metrics if isinstance(r.get("eval/loss"), (int, float))]
     if metrics:  # the training log's denser eval/loss, behind the checkpoints' own points
