@@ -89,9 +89,9 @@ def test_phase_rules():
     train_acc = [0.1, 0.6, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     test_loss = [4.0, 5.0, 6.0, 6.0, 5.9, 5.0, 0.5, 0.01, 0.005, 0.005]
     ph = locate_phases(steps, train_acc, test_loss)
-    # log test loss peaks at 6 (step 200), bottoms at 0.005: 10% of the fall is reached at step 500,
-    # 90% at step 700
-    assert ph["memorisation"] == [0, 200] and ph["circuit_formation"] == [200, 500] and ph["cleanup"] == [500, 700]
+    # log test loss peaks at log 6 (step 200) and bottoms at log 0.005: 10% of that fall is loss 2.95
+    # (first reached at step 600), 90% is loss 0.0102 (step 700)
+    assert ph["memorisation"] == [0, 200] and ph["circuit_formation"] == [200, 600] and ph["cleanup"] == [600, 700]
     ph = locate_phases(steps, train_acc, [4.0] * 10)
     assert ph["cleanup"] is None and "no grokking" in ph["note"]
     assert locate_phases(steps, [0.5] * 10, test_loss)["memorisation"] is None
