@@ -8,10 +8,11 @@
 Loading goes through TransformerLens's own ``HookedTransformer.from_pretrained`` (or
 ``from_pretrained_no_processing``) with the Hub offline for the duration of the call
 (``HF_HUB_OFFLINE=1`` semantics). ``name`` is a TransformerLens model name (it picks the weight
-conversion); with ``path`` the weights, tokenizer and config come from that directory (TransformerLens
-reads configs by hub name only, so the directory's ``config.json`` is shown to it as a one-file
-cache entry in a temporary directory). A model that is not on this machine is a one-line
-``PretrainedError`` naming it and the fix.
+conversion); the weights, tokenizer and config come from ``path`` or the cache's snapshot folder of
+``name``, by absolute path (a folder called ``gpt2`` in the working directory is never read instead).
+TransformerLens reads configs by hub name only, so that ``config.json`` is shown to it as a one-file
+cache entry in a temporary directory (with GPT-2's ``n_ctx``, which transformers 5 no longer saves).
+A model that is not on this machine is a one-line ``PretrainedError`` naming it and the fix.
 
 ``AnalyzeModelConfig`` is the schema of ``toylens-analyze model=run|pretrained`` (ConfigStore
 group ``model``; see ``register_model_configs``).
@@ -20,7 +21,8 @@ group ``model``; see ``register_model_configs``).
 from __future__ import annotations
 
 import contextlib
-import shutil
+import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -142,9 +144,9 @@ def load_hf(name: str, path: str | Path | None = None, device: str = "cpu", dtyp
     """The Hugging Face model (eval mode) and tokenizer, from ``path`` or the cache, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    official = official_name(name)
-    p = _check_path(path) if path is not None else None
-    src = str(p) if p is not None else official
+    official_name(name)  # an unknown name fails here, in one line
+    p = _check_path(path if path is not None else cached_snapshot(name))
+    src = str(p)
     try:
         with hub_offline():
             hf_model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=getattr(torch, dtype))
@@ -162,8 +164,35 @@ def _config_as_cache(official: str, path: Path) -> Iterator[str]:
         (entry / "refs").mkdir(parents=True)
         (entry / "refs" / "main").write_text("local")
         (entry / "snapshots" / "local").mkdir(parents=True)
-        shutil.copy(path / "config.json", entry / "snapshots" / "local" / "config.json")
-        yield cache
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") == "gpt2" and "n_ctx" not in config and "n_positions" in config:
+            config["n_ctx"] = config["n_positions"]  # transformers 5 no longer writes it; TransformerLens reads it
+        (entry / "snapshots" / "local" / "config.json").write_text(json.dumps(config))
+        with _cwd(cache):  # a folder named like the model in the cwd must not be read instead of this entry
+            yield cache
+
+
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def cached_snapshot(name: str) -> Path:
+    """The Hugging Face cache's folder of ``name`` (absolute, so a folder of that name in the cwd is not
+    read instead), or PretrainedError when the cache does not hold it."""
+    from huggingface_hub import snapshot_download
+
+    official = official_name(name)
+    try:
+        with hub_offline():
+            return Path(snapshot_download(official, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError and friends: nothing in the cache
+        raise _missing(name, None, e) from None
 
 
 def load_pretrained(name: str, path: str | Path | None = None, device: str = "cpu", *, processing: bool = True,
@@ -179,13 +208,12 @@ def load_pretrained(name: str, path: str | Path | None = None, device: str = "cp
     from toylens.model.build import quiet_transformer_lens
 
     official = official_name(name)
-    p = _check_path(path) if path is not None else None
+    p = _check_path(path if path is not None else cached_snapshot(name))
     loader = HookedTransformer.from_pretrained if processing else HookedTransformer.from_pretrained_no_processing
     kwargs: dict[str, Any] = dict(device=device, dtype=dtype, local_files_only=True)
     with contextlib.ExitStack() as stack:
-        if p is not None:
-            kwargs["hf_model"], kwargs["tokenizer"] = load_hf(name, p, "cpu", dtype)
-            kwargs["cache_dir"] = stack.enter_context(_config_as_cache(official, p))
+        kwargs["hf_model"], kwargs["tokenizer"] = load_hf(name, p, "cpu", dtype)
+        kwargs["cache_dir"] = stack.enter_context(_config_as_cache(official, p))
         stack.enter_context(hub_offline())
         stack.enter_context(quiet_transformer_lens())
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # TL prints "Loaded pretrained model ..."
