@@ -97,12 +97,15 @@ def _pretrained(cfg, multirun: bool) -> str:
     from toylens.analyze.pairs import PairsError
     from toylens.analyze.pretrained import PretrainedError
     from toylens.analyze.prompts import PromptError
+    from toylens.report.build import AnalysisFailed
     from toylens.report.pretrained import make_pretrained_report
 
     try:
         index = make_pretrained_report(cfg)
     except (PretrainedError, PromptError, PairsError, ConfigError) as e:
         _fail_or_raise(e, 2, multirun)
+    except AnalysisFailed as e:  # strict=true: the report is written, with the error in its section
+        _fail_or_raise(e, 1, multirun)
     print(f"toylens-analyze: report of {cfg.model.name}:", file=sys.stderr)
     print(index)
     return str(index)

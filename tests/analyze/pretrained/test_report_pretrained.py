@@ -62,5 +62,53 @@ def test_cli_pretrained_report_and_its_errors(tiny_gpt2_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_pretrained_report_runs_every_analysis_that_applies(tiny_gpt2, tiny_gpt2_dir, tmp_path):
+    """Default analyses: attention, DLA, logit lens, ablation (on the clean prompts' answer token, means
+    over the corrupted prompts), patching and tracing run; the rest are left out with a reason. The header
+    and At a glance carry the model, its size, the prompts and the seeds' headline numbers, each equal to
+    a direct computation; test_prompt is a table."""
+    from toylens.analyze.attribution import direct_logit_attribution
+    from toylens.analyze.patching import patch
+    from toylens.analyze.prompts import pairs_from_prompts
+    from toylens.report.config import ANALYSES
+    from toylens.report.pretrained import prompt_batch
+
+    hf_model, model = tiny_gpt2
+    cfg = config(tmp_path / "report", tiny_gpt2_dir)
+    cfg.analyses = list(ANALYSES)
+    cfg.patching.kinds = ["z_all_pos", "resid_pre"]
+    cfg.ablation.per_head = False
+    index = make_pretrained_report(cfg, model=model, hf_model=hf_model)
+    data = json.loads((index.parent / "report.json").read_text())
+    page = index.read_text()
+    assert [s["id"] for s in data["sections"]] == ["model", "equivalence", "test_prompt", "attention", "dla",
+                                                    "logit_lens", "ablation", "patching", "tracing"]
+    assert data["errors"] == []
+    assert {lo["analysis"] for lo in data["left_out"]} == set(ANALYSES) - {
+        "attention", "dla", "logit_lens", "ablation", "patching", "tracing"}
+    n_params = sum(p.numel() for p in model.parameters())
+    assert data["header"].startswith(f"gpt2 · {n_params / 1e6:.3g}M parameters, 2 layers × 4 heads")
+    assert repr(CLEAN[0]) in data["header"] and "checkpoint step ?" not in page
+    pairs = pairs_from_prompts(model, CLEAN, CORRUPTED, [" Mary", " John"], [" John", " Mary"])
+    with torch.no_grad():
+        logits = model(pairs.clean)[:, -1]
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+    expect = ((logits[0, mary] - logits[0, john]) + (logits[1, john] - logits[1, mary])) / 2
+    h = data["highlights"]
+    assert h["logit_difference"]["clean"] == pytest.approx(float(expect), abs=1e-4)
+    dla = direct_logit_attribution(model, prompt_batch(pairs), relative_to_mean=True)
+    heads = sorted(((float(v), lab) for lab, v in zip(dla.labels, dla.mean, strict=True) if lab.startswith("L")),
+                   key=lambda x: -abs(x[0]))[:3]
+    assert [t["head"] for t in h["top_heads_dla"]] == [lab for _, lab in heads]
+    z = patch(model, pairs, "z_all_pos", progress=False).values.reshape(-1)
+    top = sorted(range(8), key=lambda i: -abs(float(z[i])))[:3]
+    assert [t["head"] for t in h["top_heads_patching"]] == [f"L{i // 4}H{i % 4}" for i in top]
+    assert "top heads by patching" in page and "logit difference (answer − wrong)" in page
+    tp = data["test_prompt"]
+    assert "Top predictions for answer token" in page and "Tokenized prompt" not in page
+    assert f'data-value="{tp["ranks"][0]}"' in page
+    assert data["ablation"]["n_rows"] == 2 and data["ablation"]["n_reference_rows"] == 2
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
