@@ -104,6 +104,9 @@ def _folded_model(ctx: Context) -> tuple[Any, str]:
 
 
 # --- attention -----------------------------------------------------------------------------------
+MIN_QUERIES = 10  # a head score over fewer queries is shown with a caution, not as a finding
+
+
 def attention(ctx: Context) -> Section:
     from toylens.analyze.attention import CONTENT_SCORES, SCORE_NAMES, attention_patterns, positional_shortcuts
 
@@ -132,8 +135,12 @@ def attention(ctx: Context) -> Section:
     figs = [f for f in _pick(res.figures(), "attention/", height=460)
             if "_mean" not in f.name or n_heads > 1]
     counts = ", ".join(f"{k} {v}" for k, v in res.score_counts.items())
+    few = [n for n, c in res.score_counts.items() if c < MIN_QUERIES]
+    if few:
+        notes.append(Note(f"Caution: {', '.join(f'{n} ({res.score_counts[n]} queries)' for n in few)} rest on fewer "
+                          f"than {MIN_QUERIES} queries per layer: too few to call a head by them.", "warn"))
     tops = []
-    for n in SCORE_NAMES:
+    for n in [n for n in SCORE_NAMES if n not in few]:
         v = torch.nan_to_num(res.scores[n].reshape(-1), nan=-1.0)
         if float(v.max()) >= 0:
             tops.append(f"{n} {res.head_labels[int(v.argmax())]} ({float(v.max()):.3f})")

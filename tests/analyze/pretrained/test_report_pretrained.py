@@ -108,6 +108,9 @@ def test_pretrained_report_runs_every_analysis_that_applies(tiny_gpt2, tiny_gpt2
     assert "Top predictions for answer token" in page and "Tokenized prompt" not in page
     assert f'data-value="{tp["ranks"][0]}"' in page
     assert data["ablation"]["n_rows"] == 2 and data["ablation"]["n_reference_rows"] == 2
+    few = {n: c for n, c in data["attention"]["score_counts"].items() if c < 10}  # 2 prompts: few queries
+    assert few and all(f"{n} ({c} queries)" in page for n, c in few.items())
+    assert not any(f"; {n} L" in page or f": {n} L" in page for n in few)  # not named as a head's finding
 
 
 if __name__ == "__main__":
