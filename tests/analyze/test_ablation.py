@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import toylens.analyze.ablation.fused as fused
 import toylens.analyze.ablation.plan as plan
 from toylens._compat import HookedTransformerConfig
 from toylens.analyze.ablation import AblationResult, ablate_every_hook
@@ -71,7 +70,7 @@ def naive_ablation(model, batch, reference, mode, labels, resample_index=None):
             if mode == "mean":
                 new = ref.mean(0).expand(n, *ref.shape[1:])
             elif mode == "zero":
-                new = torch.zeros(n, *ref.shape[1:])
+                new = torch.zeros(n, *ref.shape[1:], dtype=ref.dtype)
             else:
                 new = ref[resample_index]
 
@@ -113,8 +112,8 @@ VARIANTS = {
     "lnpre_standard": dict(norm="LNPre", pos="standard", n_heads=2),
     "no_norm_none": dict(norm=None, pos="none", n_heads=3),
 }
-# Variants the fused forward (ablation_fused) covers; the others run through the model's hooks.
-FUSED = {"seed_like", "ln_2heads_standard", "attn_only_2heads_none", "lnpre_standard", "no_norm_none"}
+# Variants the fused engine covers; the others run through the model's hooks.
+FUSED = {"seed_like", "ln_2heads_standard", "attn_only_2heads_none", "lnpre_standard", "no_norm_none", "no_norm_rotary"}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -143,8 +142,10 @@ def test_matches_naive_on_the_batch_itself_with_a_sparse_loss_mask():
 
 def test_generic_path_matches_naive_too(monkeypatch):
     # Architectures outside the fast path get the plain resumed loop; it must be exact as well.
-    monkeypatch.setattr(plan, "fast_path_ok", lambda model: False)
-    monkeypatch.setattr(fused, "unsupported", lambda model, fired: "forced by the test")
+    import toylens.analyze.ablation as ablation
+
+    monkeypatch.setattr(plan, "one_row_tricks_ok", lambda model, why: False)
+    monkeypatch.setattr(ablation, "fast_path_reason", lambda model: "forced by the test")
     model = tiny_model(norm="LN", pos="none", n_heads=2)
     batch, reference = prev_token_batch(17, seed=4), prev_token_batch(20, seed=5)
     res = ablate_every_hook(model, batch, reference=reference, modes=("mean", "zero"), chunk_rows=5,

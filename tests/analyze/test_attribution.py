@@ -127,3 +127,28 @@ def test_logit_lens(norm):
     assert res.loss_per_pos.shape == (3, N_CTX) and torch.isnan(res.loss_per_pos[:, 0]).all()
     json.dumps(res.to_dict())
     assert len(res.figures()) == 3
+
+
+@pytest.mark.parametrize("name", ["ln-standard-gelu", "rmspre-gelu_new", "inverse-layer-scale", "bidirectional",
+                                  "dmodel-ne-heads", "rotary", "pos-none", "attn-only"])
+def test_dla_and_logit_lens_over_the_engine_matrix(name):
+    from toylens.model.zoo import random_model
+
+    model = random_model(name, d_vocab=VOCAB, n_ctx=N_CTX).to(torch.float64, print_details=False)
+    batch = make_batch(seed=2)
+    if model.cfg.normalization_type in ("LN", "RMS"):  # TL's logit_attrs leaves out ln_final's w: fold it
+        model = fold(model, batch.tokens, tol=1e-5).model
+    out = dla_per_token(model, batch.tokens, batch.targets)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(batch.tokens)
+    target_logit = logits.gather(-1, batch.targets[..., None])[..., 0]
+    torch.testing.assert_close(out.dla.sum(0) + out.logit_bias, target_logit, atol=1e-6, rtol=1e-6)
+    stack, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    ref = cache.logit_attrs(stack, tokens=batch.targets)  # TransformerLens's own DLA
+    assert set(out.labels) <= set(labels)
+    for extra in set(labels) - set(out.labels):  # positional "none": TL's pos_embed row is all zero
+        assert extra == "pos_embed" and ref[labels.index(extra)].abs().max() == 0
+    for i, label in enumerate(out.labels):
+        torch.testing.assert_close(out.dla[i], ref[labels.index(label)], atol=1e-6, rtol=1e-6, msg=label)
+    lens = logit_lens(model, batch)
+    assert lens.model_loss == pytest.approx(lens.loss[-1].item(), abs=1e-5)

@@ -217,3 +217,26 @@ def test_bad_input_names_the_argument():
         task_vectors(model, icl_task(n_demos=0))
     with pytest.raises(TaskVectorError, match="n_ctx"):
         task_vectors(model, icl_task(n_demos=5))
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "inverse-layer-scale", "logit-softcap", "grouped-query",
+                                  "rms-silu"])
+@torch.no_grad()
+def test_patched_logits_equal_naive_loop_over_the_engine_matrix(name):
+    # Bidirectional: positions after the '->' are run too (they change what the '->' sees).
+    from toylens.model.zoo import random_model
+
+    task = icl_task()
+    model = random_model(name, d_vocab=task.d_vocab, n_ctx=task.seq_len).to(torch.float64, print_details=False)
+    tokens = task.sample_rule(6, torch.Generator().manual_seed(0), 1).tokens
+    points = resid_points(model)
+    arrow = task.arrow_position() - 2  # not the last position
+    vectors = torch.randn(len(points), 2, model.cfg.d_model, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+    got = patched_logits(model, tokens, arrow, vectors, points, chunk_rows=5)
+    for i, point in enumerate(points):
+        for v in range(2):
+            torch.testing.assert_close(got[i, v].double(), naive_patch(model, tokens, arrow, point, vectors[i, v]),
+                                       atol=1e-5, rtol=1e-5)
+    _, logits = resid_at(model, tokens, arrow, points)
+    torch.testing.assert_close(logits.double(), model(tokens)[:, arrow], atol=1e-9, rtol=1e-9)

@@ -198,3 +198,26 @@ def test_restore_sweep_rejects_hooks_it_cannot_restore(hook, match):
     noise = torch.zeros(1, 3, N_POS, 32)
     with pytest.raises(TracingError, match=match):
         restore_sweep(model, tokens, torch.full((3,), 6), answer_tokens, noise, [[(hook, 1)]])
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "inverse-layer-scale", "rmspre-gelu_new", "grouped-query",
+                                  "logit-softcap", "dmodel-ne-heads"])
+@torch.no_grad()
+def test_batched_equals_naive_loop_over_the_engine_matrix(name):
+    # Bidirectional: positions after the answer and before the first noised one matter; nothing is dropped.
+    from toylens.model.zoo import random_model
+
+    model = random_model(name, n_ctx=N_POS, d_vocab=VOCAB).to(torch.float64, print_details=False)
+    tokens, answer_tokens = prompts()
+    answer_pos = torch.tensor([3, 4, 5])
+    res = causal_trace(model, tokens, answer_pos, answer_tokens, [2, 3], n_samples=2, seed=5, metric="logprob",
+                       progress=False)
+    noise = noise_samples(model, torch.zeros(3, N_POS, dtype=torch.bool).index_fill_(1, torch.tensor([2, 3]), True),
+                          2, res.sigma, 5).double()
+    for kind in res.values:
+        _, groups = rows_for_kind(model, kind)
+        restores = [[(h, p) for h in group] for group in groups for p in range(N_POS)]
+        ref = naive_sweep(model, tokens, answer_pos, answer_tokens, noise, restores, "logprob")
+        torch.testing.assert_close(res.values[kind].flatten().double(), ref, atol=1e-5, rtol=1e-5)
+    if name == "bidirectional":  # restoring a position after every answer still moves the metric
+        assert (res.values["resid"][1:, N_POS - 1] - res.noised).abs().max() > 1e-4

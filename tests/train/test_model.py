@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from toylens._compat import HookedTransformerConfig
-from toylens.model import fused as fast_forward
 from toylens.model.build import (
     build_model,
     fold_layer_norm,
@@ -74,54 +73,7 @@ def test_model_config_dict_rejects_unknown_fields():
         model_from_config_dict(d)
 
 
-FAST_CASES = [
-    dict(normalization_type="LN", act_fn="relu", pos="none"),
-    dict(normalization_type="LN", act_fn="gelu", pos="standard"),
-    dict(normalization_type="LNPre", act_fn="gelu_new", pos="standard"),
-    dict(normalization_type=None, act_fn="silu", pos="none"),
-    dict(normalization_type="LN", attn_only=True, pos="standard"),
-]
-
-
-@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_fast_forward_equals_hooked_transformer(case):
-    case = dict(case)
-    pos = case.pop("pos")
-    attn_only = case.pop("attn_only", False)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=None if attn_only else 64,
-                                  d_vocab=23, n_ctx=10, attn_only=attn_only, seed=1,
-                                  act_fn=case.pop("act_fn", None), **case)
-    model = make_model(cfg, pos)
-    with torch.no_grad():  # biases are zero at init: give them values so they are tested too
-        for name, p in model.named_parameters():
-            if name.split(".")[-1].startswith("b_") or name.endswith(".b"):
-                p.normal_(0, 0.1)
-    assert fast_forward.supports(model) is None
-    tokens = torch.randint(0, 23, (5, 10))
-    ref = model(tokens)
-    out = fast_forward.forward(model, tokens)
-    assert (out - ref).abs().max().item() < 1e-5
-    # and gradients agree, parameter by parameter
-    g_ref = torch.autograd.grad(ref.logsumexp(-1).sum(), [p for p in model.parameters() if p.requires_grad])
-    g_out = torch.autograd.grad(out.logsumexp(-1).sum(), [p for p in model.parameters() if p.requires_grad])
-    for a, b in zip(g_ref, g_out, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_fast_forward_declines_what_it_does_not_compute():
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=11, n_ctx=8,
-                                  act_fn="relu", positional_embedding_type="rotary", rotary_dim=8)
-    assert "rotary" in fast_forward.supports(make_model(cfg))
-
-
-def test_fast_forward_under_bf16_autocast_tracks_fp32():
-    model = _none_model()
-    tokens = torch.randint(0, 20, (8, 12))
-    ref = model(tokens).log_softmax(-1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fast_forward.forward(model, tokens)
-    assert out.dtype == torch.bfloat16
-    assert (out.float().log_softmax(-1) - ref).abs().max().item() < 0.1  # bf16 has ~3 significant digits
+# The fused forward's equality with HookedTransformer (logits, gradients, bf16) is tests/model/test_engine.py.
 
 
 def test_transformer_lens_deprecation_warning_is_silenced_inside_toylens_only():

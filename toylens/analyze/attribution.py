@@ -43,21 +43,13 @@ from toylens._compat import HookedTransformer
 from toylens.analyze import plots
 from toylens.data.base import Batch
 from toylens.model.build import positional_embedding_type
+from toylens.model.unembed import Unembed, logit_directions
 from toylens.result import Result
 
 
 def _check_linear_unembed(model: HookedTransformer) -> None:
     if (model.cfg.output_logits_soft_cap or 0) > 0:
         raise ValueError("logit attribution needs a linear unembed; this model soft-caps its logits")
-
-
-def _final_norm(model: HookedTransformer) -> tuple[bool, Tensor | None, Tensor | None]:
-    """(centers, w, b) of ``ln_final``; (False, None, None) without one."""
-    ln = getattr(model, "ln_final", None)
-    if ln is None or model.cfg.normalization_type is None:
-        return False, None, None
-    centers = type(ln).__name__ in ("LayerNorm", "LayerNormPre")
-    return centers, getattr(ln, "w", None), getattr(ln, "b", None)
 
 
 def component_labels(model: HookedTransformer) -> list[str]:
@@ -92,20 +84,10 @@ def dla_per_token(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
         names |= {f"blocks.{i}.hook_mlp_out" for i in range(n_layers)}
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
 
-    W_U, b_U = model.W_U, model.b_U
     if relative_to_mean:
-        W_U, b_U = W_U - W_U.mean(-1, keepdim=True), b_U - b_U.mean()
         logits = logits - logits.mean(-1, keepdim=True)
     target_logit = logits.gather(-1, targets[..., None])[..., 0]
-    direction = einops.rearrange(W_U[:, targets], "d_model batch pos -> batch pos d_model")
-    logit_bias = b_U[targets]
-    centers, w, b = _final_norm(model)
-    if b is not None:
-        logit_bias = logit_bias + direction @ b
-    if w is not None:
-        direction = direction * w
-    if centers:  # (x - mean x) . d == x . (d - mean d)
-        direction = direction - direction.mean(-1, keepdim=True)
+    direction, logit_bias = logit_directions(model, targets, relative_to_mean)  # [batch, pos, d_model]
     if "ln_final.hook_scale" in cache.cache_dict:
         direction = direction / cache["ln_final.hook_scale"]
 
@@ -123,7 +105,8 @@ def dla_per_token(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
             " -> head_index batch pos"))
         if not model.cfg.attn_only:
             parts.append(project(cache[f"blocks.{layer}.hook_mlp_out"]))
-    parts.append(project(model.accumulated_bias(n_layers, include_mlp_biases=False).expand_as(direction)))
+    bias = model.accumulated_bias(n_layers, include_mlp_biases=False).to(direction.dtype)
+    parts.append(project(bias.expand_as(direction)))
     return TokenDLA(torch.stack(parts), component_labels(model), logit_bias, target_logit)
 
 
@@ -227,6 +210,7 @@ def logit_lens(model: HookedTransformer, batch: Batch, chunk_size: int = 250,
     correct = torch.zeros(len(names), dtype=torch.float64)
     count = torch.zeros(n_pos, dtype=torch.float64)
     model_nll = 0.0
+    unembed = Unembed(model)
     for start in tqdm(range(0, len(batch), chunk_size), disable=not progress, desc="logit lens"):
         rows = batch[start:start + chunk_size]
         logits, cache = model.run_with_cache(rows.tokens, names_filter=lambda name: name in names)
@@ -234,10 +218,7 @@ def logit_lens(model: HookedTransformer, batch: Batch, chunk_size: int = 250,
         count += mask.sum(0).cpu()
         model_nll += float((-logits.log_softmax(-1).gather(-1, rows.targets[..., None])[..., 0] * mask).sum())
         for i, name in enumerate(names):
-            resid = cache[name]
-            if model.cfg.normalization_type is not None:
-                resid = model.ln_final(resid)
-            stage_logits = model.unembed(resid)
+            stage_logits = unembed(cache[name])  # ln_final's statistics recomputed per stage
             logp = stage_logits.log_softmax(-1).gather(-1, rows.targets[..., None])[..., 0]
             nll[i] += (-logp.double() * mask).sum(0).cpu()
             correct[i] += float(((stage_logits.argmax(-1) == rows.targets).double() * mask).sum())

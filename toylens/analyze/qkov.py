@@ -35,6 +35,7 @@ from torch import Tensor
 from toylens._compat import FactoredMatrix, HookedTransformer
 from toylens.analyze import plots
 from toylens.model.build import positional_embedding_type
+from toylens.model.circuits import full_ov_circuit  # noqa: F401  (also public here)
 from toylens.result import Result, jsonable
 
 MATRIX_FIELDS = ("qk_token", "qk_pos", "ov_logit", "ov_mlp")
@@ -107,11 +108,6 @@ class CircuitsResult(Result):
         return figs
 
 
-def full_ov_circuit(model: HookedTransformer) -> FactoredMatrix:
-    """``W_E W_V W_O W_U`` as a FactoredMatrix ``[layer, head_index, d_vocab, d_vocab]``."""
-    return model.W_E @ model.OV @ model.W_U
-
-
 def copying_scores(full_ov: FactoredMatrix) -> Float[Tensor, "*heads"]:
     """sum(eigenvalues) / sum(|eigenvalues|), from the small ``BA`` factor (same nonzero eigenvalues)."""
     eig = full_ov.eigenvalues
@@ -169,7 +165,7 @@ def circuits(model: HookedTransformer, token_names: Sequence[str] | None = None,
     W_E = model.W_E[ids]
     result.token_ids = ids.tolist()
     result.qk_token = (W_E @ model.QK @ W_E.T).AB.cpu()
-    result.ov_logit = (W_E @ model.OV @ model.W_U[:, ids]).AB.cpu()
+    result.ov_logit = full_ov_circuit(model, ids).AB.cpu()
     if not cfg.attn_only:
         W_in = model.W_in
         for layer in range(cfg.n_layers):

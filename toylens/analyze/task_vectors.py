@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
 from toylens.data.tasks.icl import ICL
+from toylens.model.unembed import Unembed
 from toylens.result import Result
 from toylens.runs.run import ANALYSIS_SEED
 
@@ -68,12 +69,12 @@ def _start_layer(point: str, n_layers: int) -> int:
 
 def _logits_at(model: HookedTransformer, resid: Tensor, pos: int) -> Tensor:
     """Logits at one position from the residual stream after the last block (only that position)."""
-    x = resid[:, pos:pos + 1]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)[:, 0]
-    cap = model.cfg.output_logits_soft_cap
-    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+    return Unembed(model)(resid[:, pos])
+
+
+def _visible(model: HookedTransformer, tokens: Tensor, pos: int) -> Tensor:
+    """The positions ``pos`` can see: up to it under causal attention, all of them otherwise."""
+    return tokens[:, :pos + 1] if model.cfg.attention_dir == "causal" else tokens
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def resid_at(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], pos: in
     """The residual stream at ``pos`` (one position, or one per row) at every point, and the
     (unpatched) logits at ``read_pos`` (``pos`` when None)."""
     read = int(pos) if read_pos is None else read_pos
-    tokens, n_layers = tokens[:, :read + 1], model.cfg.n_layers
+    tokens, n_layers = _visible(model, tokens, read), model.cfg.n_layers
     at = torch.as_tensor(pos, device=tokens.device).expand(tokens.shape[0])
     grabbed, logits = [], []
     for lo in range(0, tokens.shape[0], chunk_rows):
@@ -108,9 +109,10 @@ def patched_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], p
     ``pos`` or, with ``where``, at every position a row marks (each gets the same vector).
 
     ``vectors[i, v]`` is one ``[d_model]`` vector for every row, or ``[batch, d_model]`` (one per row).
-    Positions after ``pos`` are never run (causal); each point resumes from the cached residual stream.
+    Positions after ``pos`` are never run when the model is causal; each point resumes from the cached
+    residual stream.
     """
-    tokens, n_layers = tokens[:, :pos + 1], model.cfg.n_layers
+    tokens, n_layers = _visible(model, tokens, pos), model.cfg.n_layers
     b, n_var = tokens.shape[0], vectors.shape[1]
     if vectors.ndim == 3:
         vectors = vectors[:, :, None].expand(-1, -1, b, -1)
@@ -123,7 +125,7 @@ def patched_logits(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], p
             hooks = [(p, lambda act, hook, s=store: s.__setitem__(hook.name, act)) for p in points]
             with model.hooks(fwd_hooks=hooks):
                 model(tokens[lo:hi], stop_at_layer=n_layers)
-            marked = None if where is None else where[lo:hi, :pos + 1].to(tokens.device).repeat(n_var, 1)
+            marked = None if where is None else where[lo:hi, :tokens.shape[1]].to(tokens.device).repeat(n_var, 1)
             for i, point in enumerate(points):
                 x = store[point].repeat(n_var, 1, 1)  # variant v: rows v * c .. (v + 1) * c
                 v = vectors[i, :, lo:hi].reshape(-1, x.shape[-1]).to(x.dtype)

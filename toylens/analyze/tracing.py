@@ -23,7 +23,7 @@ From a ``PromptPairs`` ``p``: ``causal_trace(model, p.clean, p.answer_pos, p.ans
 Fast and exact (``restore_sweep`` is checked against one ``run_with_hooks`` per restore in the
 tests): restores are stacked along the batch, each group resumes from the cached noised residual
 stream entering the first block it touches (``forward(start_at_layer=l)``), positions after the
-last ``answer_pos`` are dropped (the model is causal), only the answer position is unembedded, and
+last ``answer_pos`` are dropped when the model is causal, only the answer position is unembedded, and
 rows run in chunks that fit ``chunk_budget_mb``.
 """
 
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from toylens._compat import HookedTransformer
 from toylens.analyze import plots
+from toylens.model.unembed import Unembed
 from toylens.result import Result
 
 KINDS = ("resid", "attn", "mlp")
@@ -110,16 +111,9 @@ def _row_bytes(model: HookedTransformer, n_pos: int) -> int:
 
 
 def answer_metric(model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], answer_pos: Tensor,
-                  answer_tokens: Tensor, metric: str) -> Float[Tensor, " rows"]:
+                  answer_tokens: Tensor, metric: str, unembed: Unembed | None = None) -> Float[Tensor, " rows"]:
     """(Log-)probability of ``answer_tokens`` from the final residual stream, unembedding only ``answer_pos``."""
-    rows = torch.arange(resid.shape[0], device=resid.device)
-    x = resid[rows, answer_pos][:, None]  # [rows, 1, d_model]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)[:, 0]
-    if model.cfg.output_logits_soft_cap > 0:
-        cap = model.cfg.output_logits_soft_cap
-        logits = cap * torch.tanh(logits / cap)
+    logits = (unembed or Unembed(model)).at(resid, answer_pos, per_row=True)
     logp = logits.float().log_softmax(-1).gather(-1, answer_tokens[:, None])[:, 0]
     return logp.exp() if metric == "prob" else logp
 
@@ -137,7 +131,8 @@ def restore_sweep(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], an
     """
     n_layers, (b, _) = model.cfg.n_layers, tokens.shape
     n_samples = noise.shape[0]
-    n_pos = int(answer_pos.max()) + 1  # causal: later positions never reach the metric
+    causal = model.cfg.attention_dir == "causal"
+    n_pos = int(answer_pos.max()) + 1 if causal else tokens.shape[1]  # causal: later positions never matter
     tokens, noise = tokens[:, :n_pos], noise[:, :, :n_pos]
     rep = n_samples * b  # noised rows, row s * b + i is sample s of prompt i
     prompt_of = torch.arange(rep, device=tokens.device) % b
@@ -149,7 +144,7 @@ def restore_sweep(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], an
     # Drop restores that cannot change anything: positions the metric never sees, positions before
     # the first noised one (clean and noised runs agree there), embeddings that were not noised.
     noised_pos = (noise != 0).any(dim=-1).any(dim=0)  # [batch, pos]
-    first = int(noised_pos.float().argmax(dim=1).min()) if noised_pos.any() else n_pos
+    first = int(noised_pos.float().argmax(dim=1).min()) if noised_pos.any() and causal else 0
     embed_noised = noised_pos.any(dim=0).tolist()
     restores = [[(h, p) for h, p in r if first <= p < n_pos
                  and (h != "blocks.0.hook_resid_pre" or embed_noised[p])] for r in restores]
@@ -160,12 +155,13 @@ def restore_sweep(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], an
 
     # clean run: the activations to restore and the clean metric
     clean = _run_and_grab(model, tokens, None, hooks, budget_rows)
-    clean_value = answer_metric(model, clean.pop("final"), answer_pos, answer_tokens, metric).mean()
+    unembed = Unembed(model)
+    clean_value = answer_metric(model, clean.pop("final"), answer_pos, answer_tokens, metric, unembed).mean()
     # noised runs: the residual stream entering each block a group resumes from
     noised_grab = [_resume_hook(s, n_layers) for s in needed_starts]
     noised = _run_and_grab(model, tokens.repeat(n_samples, 1), noise.reshape(rep, n_pos, -1), noised_grab,
                            budget_rows)
-    noised_metric = answer_metric(model, noised.pop("final"), ans_pos, ans_tok, metric)
+    noised_metric = answer_metric(model, noised.pop("final"), ans_pos, ans_tok, metric, unembed)
     noised_value = float(noised_metric.mean())
 
     values = torch.full((len(restores),), noised_value, dtype=torch.float64)
@@ -199,7 +195,7 @@ def restore_sweep(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], an
                     fwd_hooks.append((h, write))
             with model.hooks(fwd_hooks=fwd_hooks):
                 resid = model(x, start_at_layer=start, stop_at_layer=n_layers) if start < n_layers else x
-            m = answer_metric(model, resid, ans_pos[noised_row], ans_tok[noised_row], metric)
+            m = answer_metric(model, resid, ans_pos[noised_row], ans_tok[noised_row], metric, unembed)
             sums.index_add_(0, set_of, m.double())
             bar.update(len(rows))
         values[idx] = (sums / rep).cpu()

@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from toylens.data import Batch, Task, make_task
-from toylens.model import fused as fast_forward
+from toylens.model import fused
 from toylens.model.build import build_model, model_config_dict
 from toylens.runs import checkpoint as ck
 from toylens.runs.config import ConfigError, TrainConfig, resolve_device, validate
@@ -85,13 +86,23 @@ def _check_fresh(run_dir: Path) -> None:
 
 
 def pick_forward(model, mode: str):
-    """The fused forward (``fast_forward``) when it computes this model exactly, else the model's own."""
-    why = fast_forward.supports(model)
+    """``forward(tokens, positions=None)``: the fused engine when it computes this model exactly, else the
+    model's own forward; with ``positions`` only those positions' logits (the engine then computes the
+    last block there alone)."""
+    why = fused.fast_path_reason(model)
     if mode == "on" and why:
         raise ConfigError(f"train.fast_forward=on but the fused forward does not cover {why}; use auto or off")
     if mode == "off" or why:
-        return model
-    return lambda tokens: fast_forward.forward(model, tokens)
+        return lambda tokens, positions=None: model(tokens) if positions is None else model(tokens)[:, positions]
+    return partial(fused.forward, model)
+
+
+def loss_positions(mask: torch.Tensor) -> torch.Tensor | None:
+    """The positions every row's loss reads, when all rows read the same ones and not all of them."""
+    cols = mask.any(0)
+    if bool(cols.all()) or not bool((mask == cols).all()):
+        return None
+    return cols.nonzero().flatten()
 
 
 def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator, cfg: TrainConfig):
@@ -105,8 +116,11 @@ def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator
     def step() -> tuple[torch.Tensor, float]:
         batch = task.train_batch(t.batch_size, gen)  # modular_add: the full training split
         targets = batch.targets.masked_fill(~batch.loss_mask, -100)
+        positions = loss_positions(batch.loss_mask)  # e.g. modular_add: the answer position alone
+        if positions is not None:
+            targets = targets[:, positions]
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            logits = fwd(batch.tokens)
+            logits = fwd(batch.tokens, positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss.backward()
         if o.grad_clip is not None:

@@ -36,6 +36,7 @@ from toylens.analyze.ablation import hooked as hooked_runner
 from toylens.analyze.ablation.plan import HEAD_LABEL, MODES
 from toylens.data.base import Batch
 from toylens.model.build import positional_embedding_type
+from toylens.model.eligibility import fast_path_reason
 from toylens.result import Result
 
 __all__ = ["MODES", "AblationResult", "AblationRow", "SkippedHook", "ablate_every_hook"]
@@ -213,14 +214,16 @@ def ablate_every_hook(
 
     order = plan.firing_order(model, batch.tokens)
     labels, skipped = _choose(model, order, hooks, per_head)
-    fast = plan.fast_path_ok(model)
+    engine_why = fast_path_reason(model)
+    fast = plan.one_row_tricks_ok(model, engine_why)
     jobs = plan.plan_jobs(model, labels, order, fast)
     resample_index = None
     if "resample" in modes:
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         resample_index = plan.resample_rows(len(batch), len(ref), same_batch, gen).to(device)
 
-    why_not_fused = fused.unsupported(model, order)
+    plain_hooks = order == fused.hook_names(model)
+    why_not_fused = engine_why or (None if plain_hooks else "hook points differ from the plain architecture's")
     if why_not_fused is None:
         runner = fused.FusedRunner(model, jobs, modes, batch.tokens)
         hooks_on = contextlib.nullcontext()

@@ -1,23 +1,9 @@
-"""A fused forward pass for ``ablate_every_hook``: TransformerLens's math with one activation replaced.
+"""``ablate_every_hook`` on the fused engine: TransformerLens's hook semantics for one replaced activation.
 
-``HookedTransformer.forward`` routes every activation through a hook point, einsums and fresh
-allocations. For the plain models toylens trains (pre-norm blocks with LN, LNPre or no norm,
-standard or no positional embedding, a plain MLP or none) this module computes the same function
-on the model's own weights with fused kernels (``F.linear``, ``F.layer_norm``,
-``scaled_dot_product_attention``) and reproduces TransformerLens's semantics at the hook points
-that matter for one run:
-
-* a *replaced* hook point gets exactly the value TransformerLens's hook would return (LN
-  ``hook_scale`` and ``hook_normalized`` before the LN's ``w``/``b``, ``hook_attn_scores`` after
-  the causal mask with ``-inf``, ``hook_pattern`` after the NaN guard, per-head ``hook_z``);
-* an *observed* hook point (clean passes: means, resample values, the cached residual stream)
-  sees the value its hook would see;
-* what only feeds the replaced point is not computed (the attention before ``hook_z``, q and k
-  before ``hook_pattern``, the LN before its ``hook_normalized``, ...).
-
-Everything else runs fused. Which models this covers is decided by ``unsupported`` (and the
-engine checks that exactly the expected hook points fire); the tests compare every mode and hook
-against the naive ``run_with_hooks`` loop, so equality with TransformerLens is checked, not assumed.
+A *replaced* hook point gets the value TransformerLens's hook would return; an *observed* one (means,
+resample values, cached residuals) sees what its hook would see; what only feeds the replaced point is
+not computed. The math is ``toylens.model.fused.Engine``'s; tests compare every mode and hook with the
+naive ``run_with_hooks`` loop.
 """
 
 from __future__ import annotations
@@ -26,14 +12,12 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from toylens._compat import HookedTransformer
 from toylens.analyze.ablation.plan import Job, evaluate_jobs, masked_positions, nll_and_correct
 from toylens.data.base import Batch
-from toylens.model.build import positional_embedding_type
-from toylens.model.fused import _ACTS, supports
+from toylens.model.fused import Engine
 
 Observer = Callable[[str, Tensor], None]
 
@@ -50,15 +34,17 @@ class Call:
 
 
 def hook_names(model: HookedTransformer) -> list[str]:
-    """The hook points a forward pass of a supported model fires, in order (each once)."""
+    """The hook points a forward pass of an engine model fires, in order (each once)."""
     c = model.cfg
-    names = ["hook_embed", "hook_pos_embed"]
+    rotary = c.positional_embedding_type == "rotary"
+    names = ["hook_embed"] + ([] if rotary else ["hook_pos_embed"])
     norm = ("hook_scale", "hook_normalized") if c.normalization_type else ()
     for layer in range(c.n_layers):
         p = f"blocks.{layer}."
         names += [p + "hook_resid_pre", *(p + "ln1." + n for n in norm)]
-        names += [p + "attn." + n for n in ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern",
-                                            "hook_z")]
+        names += [p + "attn." + n for n in ("hook_q", "hook_k", "hook_v")]
+        names += [p + "attn." + n for n in ("hook_rot_q", "hook_rot_k") if rotary]
+        names += [p + "attn." + n for n in ("hook_attn_scores", "hook_pattern", "hook_z")]
         names.append(p + "hook_attn_out")
         if not c.attn_only:
             names += [p + "hook_resid_mid", *(p + "ln2." + n for n in norm)]
@@ -68,73 +54,14 @@ def hook_names(model: HookedTransformer) -> list[str]:
     return names
 
 
-def unsupported(model: HookedTransformer, fired: list[str]) -> str | None:
-    """None when the fused path computes this model exactly as TransformerLens does, else why not."""
-    c = model.cfg
-    why = supports(model)
-    checks = [
-        (why is None, why),
-        (c.dtype in (torch.float32, torch.float64), f"dtype={c.dtype}"),
-        (not c.use_attn_result, "use_attn_result"),
-        (not c.use_split_qkv_input and not c.use_attn_in, "split q/k/v inputs"),
-        (not c.use_hook_mlp_in, "use_hook_mlp_in"),
-        (not getattr(c, "use_hook_tokens", False), "use_hook_tokens"),
-        (c.attention_dir == "causal", f"attention_dir={c.attention_dir}"),
-        (not getattr(c, "use_qk_norm", False), "use_qk_norm"),
-        (getattr(c, "num_experts", None) is None, "mixture of experts"),
-        (c.original_architecture is None or c.original_architecture == "GPT2LMHeadModel"
-         or not c.original_architecture, f"original_architecture={c.original_architecture}"),
-        (list(fired) == hook_names(model), "hook points differ from the plain architecture's"),
-    ]
-    for ok, reason in checks:
-        if not ok:
-            return reason
-    return None
-
-
 class FusedModel:
-    """The weights of ``model`` laid out for ``F.linear``; thread-safe (no state changes after init)."""
+    """The engine's pieces with hook semantics on top; thread-safe (no state changes after init)."""
 
     def __init__(self, model: HookedTransformer):
-        c = model.cfg
-        self.n_layers, self.n_heads, self.d_head = c.n_layers, c.n_heads, c.d_head
-        self.attn_only, self.eps, self.attn_scale = c.attn_only, c.eps, c.attn_scale
-        self.norm = c.normalization_type  # "LN", "LNPre" or None
-        self.act = None if c.attn_only else _ACTS[c.act_fn]
-        self.act_ = torch.relu_ if c.act_fn == "relu" else self.act
-        self.W_E = model.embed.W_E
-        self.W_pos = model.pos_embed.W_pos if positional_embedding_type(model) != "none" else None
-        n_dh = c.n_heads * c.d_head
-
-        def ln(module) -> tuple[Tensor | None, Tensor | None]:
-            return (module.w, module.b) if self.norm == "LN" else (None, None)
-
-        self.blocks = []
-        for blk in model.blocks:
-            a = blk.attn
-            w_qkv = torch.cat([a.W_Q, a.W_K, a.W_V], 0)  # [3 * head_index, d_model, d_head]
-            b = dict(
-                ln1=ln(getattr(blk, "ln1", None)),
-                W_qkv=w_qkv.permute(0, 2, 1).reshape(3 * n_dh, c.d_model).contiguous(),
-                b_qkv=torch.cat([a.b_Q, a.b_K, a.b_V], 0).reshape(3 * n_dh).contiguous(),
-                W_O=a.W_O.reshape(n_dh, c.d_model).T.contiguous(),
-                b_O=a.b_O,
-            )
-            b["W_V"], b["b_V"] = b["W_qkv"][2 * n_dh:], b["b_qkv"][2 * n_dh:]
-            if not c.attn_only:
-                m = blk.mlp
-                b.update(ln2=ln(getattr(blk, "ln2", None)), W_in=m.W_in.T.contiguous(), b_in=m.b_in,
-                         W_out=m.W_out.T.contiguous(), b_out=m.b_out)
-            self.blocks.append(b)
-        self.ln_final = ln(getattr(model, "ln_final", None))
-        self.W_U, self.b_U = model.unembed.W_U.T.contiguous(), model.unembed.b_U
-        # For the loss only: the unembedding padded to a multiple of 16 outputs, the extra ones
-        # with weight 0 and bias -inf (exp(-inf) = 0: log-softmax and argmax are unchanged). MKL's
-        # GEMM is 2-3x slower for some widths, e.g. d_vocab 300 (13 ms vs 5.5 ms at 304 on 12k rows).
-        pad = -self.W_U.shape[0] % 16
-        self.W_U_loss = torch.cat([self.W_U, self.W_U.new_zeros(pad, self.W_U.shape[1])])
-        self.b_U_loss = torch.cat([self.b_U, self.b_U.new_full((pad,), -torch.inf)])
-        self._causal: dict[tuple[int, torch.device], Tensor] = {}
+        self.eng = e = Engine(model)
+        self.n_layers, self.attn_only, self.rotary = e.n_layers, e.attn_only, e.rotary
+        self.W_E = e.W_E
+        self.loss_unembed = e.loss_unembed()
 
     # --- hook semantics --------------------------------------------------------------------------
     @staticmethod
@@ -149,82 +76,67 @@ class FusedModel:
             call.observe(name, act)
         return act
 
-    def _norm(self, call: Call, x: Tensor, wb: tuple[Tensor | None, Tensor | None], prefix: str) -> Tensor:
-        if self.norm is None:
+    def _norm(self, call: Call, x: Tensor, ln: tuple, prefix: str) -> Tensor:
+        if self.eng.norm_type is None:
             return x
-        w, b = wb
         scale_name, norm_name = prefix + "hook_scale", prefix + "hook_normalized"
-        if call.target == norm_name:  # the LN itself is dead
+        if call.target == norm_name:  # the norm itself is dead
             x = self._hook(call, norm_name, x)
         elif call.target == scale_name or scale_name in call.observed or norm_name in call.observed:
-            x = x - x.mean(-1, keepdim=True)
-            scale = self._hook(call, scale_name, (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            x = self._hook(call, norm_name, x / scale)
+            x, scale = self.eng.norm_parts(x)
+            x = self._hook(call, norm_name, x / self._hook(call, scale_name, scale))
         else:
-            return F.layer_norm(x, x.shape[-1:], w, b, self.eps)
-        return x if w is None else x * w + b
-
-    def causal(self, n: int, device: torch.device) -> Tensor:
-        key = (n, device)
-        if key not in self._causal:
-            self._causal[key] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        return self._causal[key]
+            return self.eng.norm(x, ln)
+        return self.eng.norm_affine(x, ln)
 
     # --- the model, piece by piece ---------------------------------------------------------------
     def embed(self, call: Call, tokens: Tensor) -> Tensor:
-        x = self._hook(call, "hook_embed", F.embedding(tokens, self.W_E))
-        if self.W_pos is None:  # positional "none": W_pos is zero, nothing to add
-            return x
-        pos = self.W_pos[: tokens.shape[1]].expand(tokens.shape[0], -1, -1)  # TL's hook sees [batch, pos, d_model]
+        x = self._hook(call, "hook_embed", torch.nn.functional.embedding(tokens, self.eng.W_E))
+        w_pos = self.eng.W_pos
+        if w_pos is None:  # rotary, or positional "none" (W_pos is zero): nothing to add unless replaced
+            if self.rotary or "hook_pos_embed" not in (call.target, *call.observed):
+                return x
+            w_pos = x.new_zeros(x.shape[1:])
+        pos = w_pos[: tokens.shape[1]].expand(tokens.shape[0], -1, -1)  # TL's hook: [batch, pos, d_model]
         return x + self._hook(call, "hook_pos_embed", pos)
 
     def attention(self, call: Call, layer: int, x: Tensor) -> Tensor:
         """``hook_attn_out`` of block ``layer`` for residual input ``x``."""
-        p, blk = f"blocks.{layer}.", self.blocks[layer]
+        p = f"blocks.{layer}."
         a, t = p + "attn.", call.target
         if t == p + "hook_attn_out" or (t == a + "hook_z" and call.head is None):
             z = None if t == p + "hook_attn_out" else call.value  # the whole attention is dead
         else:
-            h = self._norm(call, x, blk["ln1"], p + "ln1.")
-            z = self._z(call, a, blk, h)
-        if z is not None:
-            out = F.linear(self._hook(call, a + "hook_z", z).flatten(2), blk["W_O"], blk["b_O"])
-        else:
-            out = call.value
+            h = self._norm(call, x, self.eng.layers[layer].ln1, p + "ln1.")
+            z = self._z(call, layer, a, h)
+        out = self.eng.attn_out(layer, self._hook(call, a + "hook_z", z)) if z is not None else call.value
         return self._hook(call, p + "hook_attn_out", out)
 
-    def _z(self, call: Call, a: str, blk: dict, h: Tensor) -> Tensor:
-        n, dh, t = self.n_heads, self.d_head, call.target
+    def _z(self, call: Call, layer: int, a: str, h: Tensor) -> Tensor:
+        eng, t = self.eng, call.target
         scores_name, pattern_name = a + "hook_attn_scores", a + "hook_pattern"
         if t in (scores_name, pattern_name):  # q and k are dead
-            v = F.linear(h, blk["W_V"], blk["b_V"]).unflatten(-1, (n, dh))
-            q = k = None
+            v, q, k = eng.project(layer, h, "v"), None, None
         else:
-            q, k, v = F.linear(h, blk["W_qkv"], blk["b_qkv"]).unflatten(-1, (3, n, dh)).unbind(-3)
+            q, k, v = eng.project(layer, h).unbind(-3)
             q, k = self._hook(call, a + "hook_q", q), self._hook(call, a + "hook_k", k)
+            if self.rotary:
+                q = self._hook(call, a + "hook_rot_q", eng.rotate(layer, q))
+                k = self._hook(call, a + "hook_rot_k", eng.rotate(layer, k))
         v = self._hook(call, a + "hook_v", v)  # [batch, pos, head_index, d_head]
         explicit = t in (scores_name, pattern_name) or not {scores_name, pattern_name}.isdisjoint(call.observed)
         if not explicit:
-            q, k, v = (u.transpose(1, 2) for u in torch.broadcast_tensors(q, k, v))
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.attn_scale)
-            return z.transpose(1, 2)
+            return eng.attention(layer, *torch.broadcast_tensors(q, k, v))
         if t == pattern_name:
             pattern = call.value
         else:
-            if t == scores_name:
-                scores = call.value
-            else:
-                scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / self.attn_scale
-                scores = scores.masked_fill(~self.causal(scores.shape[-1], scores.device), -torch.inf)
-            scores = self._hook(call, scores_name, scores)
-            pattern = scores.softmax(-1)
-            pattern = torch.where(torch.isnan(pattern), 0.0, pattern)
-        pattern = self._hook(call, pattern_name, pattern)
-        return (pattern @ v.transpose(1, 2)).transpose(1, 2)
+            scores = self._hook(call, scores_name, call.value if t == scores_name else eng.scores(layer, q, k))
+            pattern = eng.pattern(scores)
+        return eng.mix(self._hook(call, pattern_name, pattern), v)
 
     def mlp(self, call: Call, layer: int, x: Tensor) -> Tensor:
         """``hook_mlp_out`` of block ``layer`` for residual input ``x`` (``hook_resid_mid``)."""
-        p, blk, t = f"blocks.{layer}.", self.blocks[layer], call.target
+        p, eng, t = f"blocks.{layer}.", self.eng, call.target
         if t == p + "hook_mlp_out":
             out = call.value
         else:
@@ -233,13 +145,13 @@ class FusedModel:
             else:
                 pre_name = p + "mlp.hook_pre"
                 if t == pre_name:
-                    post = self.act(call.value)
+                    post = eng.act(call.value)
                 else:
-                    pre = F.linear(self._norm(call, x, blk["ln2"], p + "ln2."), blk["W_in"], blk["b_in"])
+                    pre = eng.mlp_pre(layer, self._norm(call, x, eng.layers[layer].ln2, p + "ln2."))
                     pre = self._hook(call, pre_name, pre)
-                    # relu in place when nobody else holds ``pre`` (saves a pass over [rows, pos, d_mlp])
-                    post = self.act_(pre) if pre_name not in call.observed else self.act(pre)
-            out = F.linear(self._hook(call, p + "mlp.hook_post", post), blk["W_out"], blk["b_out"])
+                    # in place when nobody else holds ``pre``
+                    post = eng.act_(pre) if pre_name not in call.observed else eng.act(pre)
+            out = eng.mlp_out(layer, self._hook(call, p + "mlp.hook_post", post))
         return self._hook(call, p + "hook_mlp_out", out)
 
     def blocks_from(self, call: Call, x: Tensor, layer: int, mlp_half: bool = False) -> Tensor:
@@ -259,12 +171,12 @@ class FusedModel:
 
     def unembed(self, call: Call, x: Tensor, positions: slice | Tensor) -> Tensor:
         """Logits at ``positions`` of the final residual stream ``x``."""
-        x = self._hook(call, "unembed.hook_in", self._norm(call, x, self.ln_final, "ln_final."))
+        x = self._hook(call, "unembed.hook_in", self._norm(call, x, self.eng.ln_final, "ln_final."))
         if "unembed.hook_out" in call.observed:
-            return self._hook(call, "unembed.hook_out", F.linear(x, self.W_U, self.b_U))[:, positions]
+            return self._hook(call, "unembed.hook_out", self.eng.unembed.linear(x))[:, positions]
         if call.target == "unembed.hook_out":
             return call.value[:, positions]
-        return F.linear(x[:, positions], self.W_U_loss, self.b_U_loss)
+        return self.loss_unembed.linear(x[:, positions])
 
     def forward(self, call: Call, tokens: Tensor, positions: slice | Tensor = slice(None)) -> Tensor:
         return self.unembed(call, self.blocks_from(call, self.embed(call, tokens), 0), positions)

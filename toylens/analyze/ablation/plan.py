@@ -96,15 +96,11 @@ class Job:
 
 
 # --- which hooks, and how to run each ------------------------------------------------------------
-def fast_path_ok(model: HookedTransformer) -> bool:
-    """Plain sequential pre-norm blocks with a plain MLP: the one-row tricks are known exact there."""
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
+def one_row_tricks_ok(model: HookedTransformer, engine_why: str | None) -> bool:
+    """The one-row tricks hold for the models the fused engine computes (plain sequential pre-norm blocks),
+    when each norm hook point is one tensor per block (no split q/k/v inputs, no hook_mlp_in)."""
     c = model.cfg
-    return (c.positional_embedding_type in ("standard", "rotary") and not c.parallel_attn_mlp
-            and not c.use_attn_in and not c.use_split_qkv_input and not c.use_hook_mlp_in
-            and not c.use_normalization_before_and_after and not c.gated_mlp and c.num_experts is None
-            and not c.use_qk_norm and c.original_architecture not in POST_NORM_ARCHITECTURES)
+    return engine_why is None and not (c.use_split_qkv_input or c.use_attn_in or c.use_hook_mlp_in)
 
 
 def firing_order(model: HookedTransformer, tokens: Tensor) -> list[str]:

@@ -12,8 +12,10 @@ from torch import Tensor
 from toylens._compat import HookedTransformer
 from toylens.analyze.metrics import METRICS, READS_ONLY_ANSWERS, Metric, MetricError
 from toylens.analyze.pairs import PAD, PromptPairs
-from toylens.analyze.patching.blocks import FastBlocks, supported
+from toylens.analyze.patching.blocks import FastBlocks
 from toylens.analyze.patching.kinds import Kind, PatchingError, hook_name
+from toylens.model.eligibility import fast_path_reason
+from toylens.model.unembed import Unembed
 
 
 class Context:
@@ -25,7 +27,7 @@ class Context:
     def __init__(self, model: HookedTransformer, pairs: PromptPairs, metric: Metric, engine: str = "auto"):
         if engine not in ("auto", "fast", "hooks"):
             raise PatchingError(f"engine={engine!r}; choose 'auto', 'fast' or 'hooks'")
-        why = supported(model)
+        why = fast_path_reason(model)
         if engine == "fast" and why:
             raise PatchingError(f"engine='fast' does not cover this model ({why}); use engine='auto'")
         if model.cfg.positional_embedding_type == "shortformer":
@@ -35,7 +37,10 @@ class Context:
         self.pairs = pairs.to(model.cfg.device)
         p = self.pairs
         self.b, self.n_pos = p.batch_size, p.n_pos
-        self.T = int(p.answer_pos.max()) + 1
+        # Causal attention: positions after the last answer never reach the metric, and before a prompt's
+        # first changed token the clean and corrupted runs agree. Bidirectional: every position counts.
+        self.causal = model.cfg.attention_dir == "causal"
+        self.T = int(p.answer_pos.max()) + 1 if self.causal else self.n_pos
         self.tokdiff = p.clean != p.corrupted  # [batch, pos]
         any_diff = self.tokdiff.any(1)
         self.first_diff = torch.where(any_diff, self.tokdiff.int().argmax(1), self.n_pos)  # [batch]
@@ -48,8 +53,7 @@ class Context:
             remap = torch.searchsorted(cols, p.answers.clamp_min(0))
             self.columns = cols
             self.metric_pairs = dataclasses.replace(p, answers=torch.where(p.answers == PAD, PAD, remap))
-        self._w_u: Tensor | None = None
-        self._b_u: Tensor | None = None
+        self._unembed: Unembed | None = None
         self.clean: dict[str, list[Tensor]] = {}
         self.corr: dict[str, list[Tensor]] = {}
         self.clean_rows: Tensor | None = None  # per-prompt metric, clean run
@@ -134,19 +138,10 @@ class Context:
         return values.double()
 
     def unembed(self, resid: Float[Tensor, "n d_model"]) -> Tensor:
-        """Logits at the answer positions (``ln_final`` + unembed; only the answers' columns for
-        metrics that read nothing else)."""
-        from transformer_lens.utilities.activation_functions import apply_softcap
-
-        model = self.model
-        if self._w_u is None:
-            w, b = model.unembed.W_U, model.unembed.b_U
-            if self.columns is not None:
-                w, b = w[:, self.columns], b[self.columns]
-            self._w_u, self._b_u = w.T.contiguous(), b.contiguous()
-        if model.cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        return apply_softcap(torch.nn.functional.linear(resid, self._w_u, self._b_u), model.cfg.output_logits_soft_cap)
+        """Logits at the answer positions (only the answers' columns for metrics that read nothing else)."""
+        if self._unembed is None:
+            self._unembed = Unembed(self.model, columns=self.columns)
+        return self._unembed(resid)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,7 +79,10 @@ def plan_items(ctx: Context, patches: Patches) -> tuple[Tensor, Tensor, Tensor]:
     """
     kind, L = patches.kind, ctx.model.cfg.n_layers
     a, f = ctx.pairs.answer_pos[None], ctx.first_diff[None]  # [1, batch]
+    if not ctx.causal:  # every position sees every other: a prompt with any change starts at 0
+        a, f = torch.full_like(a, ctx.n_pos - 1), torch.where(f < ctx.n_pos, 0, ctx.n_pos)
     layer = patches.layer[:, None]
+    answer = ctx.pairs.answer_pos[None]
     if kind.all_pos:
         active = (f <= a).expand(len(patches.layer), -1)
         p0 = f.expand_as(active)
@@ -87,12 +90,12 @@ def plan_items(ctx: Context, patches: Patches) -> tuple[Tensor, Tensor, Tensor]:
         p = patches.pos[:, None]
         active = (p >= f) & (p <= a)
         if kind.local:  # in the last layer a local patch only reaches its own position
-            active &= (layer < L - 1) | (p == a)
+            active &= (layer < L - 1) | (p == answer)
         if kind.act in _TOKEN_LOCAL:
             active &= (layer > 0) | ctx.tokdiff[:, patches.pos].T
-        if kind.name == "pattern_dest_src":
+        if kind.name == "pattern_dest_src" and ctx.causal:
             active &= patches.src[:, None] <= p
-        p0 = p.expand_as(active)
+        p0 = (p if ctx.causal else torch.zeros_like(p)).expand_as(active)
     item_patch, item_row = active.nonzero(as_tuple=True)
     p0 = p0[item_patch, item_row]
     order = torch.argsort(patches.layer[item_patch] * (ctx.n_pos + 1) + p0, stable=True)
