@@ -242,14 +242,15 @@ def test_trace_noise_defaults_to_the_differing_positions():
 
 
 def test_cli_strict_exit_code(induction_run, tmp_path):
-    """A failing analysis (prompt pairs the toy tokenizer cannot read): exit 0 with the error in its
-    section; strict=true: exit 1 and one line, the report written either way."""
+    """A failing analysis (tracing asked to noise a position the prompts do not have): exit 0 with the
+    error in its section; strict=true: exit 1 and one line, the report written either way."""
     args = [sys.executable, "-m", "toylens.report.cli", f"run={induction_run}", "device=cpu", "progress=false",
-            "analyses=[patching]", 'pairs.clean=["zzz"]', 'pairs.corrupted=["zzz"]', 'pairs.answers=["zzz"]']
+            "analyses=[attention,tracing]", "tracing.noise=[999]", "batch.size=20", "pairs.n=4"]
     ok = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     data = json.loads((induction_run / "report" / "report.json").read_text())
-    assert data["errors"][0]["analysis"] == "patching" and "zzz" in data["errors"][0]["error"]
+    assert [e["analysis"] for e in data["errors"]] == ["tracing"] and "999" in data["errors"][0]["error"]
+    assert "scores_by_head" in data["attention"]
     strict = subprocess.run(args + ["strict=true"], capture_output=True, text=True, timeout=300)
     assert strict.returncode == 1 and "strict=true" in strict.stderr and "Traceback" not in strict.stderr
     assert len([ln for ln in strict.stderr.splitlines() if "error" in ln]) == 1, strict.stderr
