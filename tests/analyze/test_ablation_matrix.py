@@ -50,3 +50,16 @@ def test_ablation_matches_naive_loop_over_the_matrix(name):
     oracle.assert_matches_naive(res, model, batch, reference, index, tol=1e-8)
     fused = MATRIX[name][2] and not model.cfg.use_attn_result
     assert (res.engine == "fused") == fused, res.engine
+
+
+def test_inverse_layer_scale_clean_loss_and_rows_equal_transformer_lens():
+    # The reported bug: every layer's scores divided by one attn_scale gave clean loss 3.2510 against
+    # TransformerLens's 3.2444 and rows off by up to 0.39 on this shape (3 layers, d_model 48, 3 heads x 16,
+    # gelu, LN, d_vocab 37, n_ctx 19, weights of non-trivial scale).
+    model = random_model("inverse-layer-scale")
+    batch, reference = _batch(model, 24, 5), _batch(model, 24, 6)
+    res = ablate_every_hook(model, batch, reference=reference, modes=("mean",), progress=False)
+    assert res.engine == "fused"
+    (loss, acc), _ = oracle.naive_ablation(model, batch, reference, "mean", [])
+    assert res.clean_loss == pytest.approx(loss, abs=2e-5)
+    oracle.assert_matches_naive(res, model, batch, reference, tol=2e-4)
