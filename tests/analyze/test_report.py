@@ -78,7 +78,8 @@ def test_report_folder_is_complete_and_offline(written):
         assert name in names, name
     assert [s["id"] for s in data["sections"]] == ["model", "training", "fold", "attention", "circuits", "dla",
                                                     "logit_lens", "neurons", "ablation", "patching", "tracing"]
-    assert [lo["analysis"] for lo in data["left_out"]] == ["task_vectors"] and data["errors"] == []
+    assert [lo["analysis"] for lo in data["left_out"]] == ["induction", "fourier", "task_vectors"]
+    assert data["errors"] == []
     assert 'data-analysis="task_vectors"' in page and "left out: task vectors need a run of the icl task" in page
     for s in data["sections"]:
         assert f'<section id="{s["id"]}">' in page and f'href="#{s["id"]}"' in page  # table of contents
