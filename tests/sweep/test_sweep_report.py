@@ -150,3 +150,14 @@ def test_cli(fake_sweep, tmp_path, capsys):
     assert "4 runs: 3 finished, 1 failed" in err
     assert json.loads((fake_sweep / "sweep_report" / "report.json").read_text())["ablation"]["top_k"] == 2
     assert ix.read_index(fake_sweep)["counts"]["failed"] == 1
+
+
+def test_a_foreign_sweep_report_folder_is_refused_before_any_work(tmp_path):
+    from toylens.runs.config import ConfigError
+
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
+    (tmp_path / "sweep_report").mkdir()
+    (tmp_path / "sweep_report" / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="toylens did not write"):
+        make_sweep_report(tmp_path, SweepReportConfig(**SMALL))
+    assert [p.name for p in (tmp_path / "sweep_report").iterdir()] == ["mine.txt"]
