@@ -1,32 +1,6 @@
-"""Direct logit attribution (DLA) of the target logit, and the logit lens.
-
-DLA splits the final residual stream into the components that wrote it, in residual order:
-``embed``, ``pos_embed`` (only for standard positional embeddings, not "none" or rotary), one
-``L{layer}H{head}`` per head (``hook_z @ W_O``, without ``b_O``), ``{layer}_mlp_out`` per MLP
-(``hook_mlp_out``, ``b_out`` included) and ``bias`` (the sum of every ``b_O``) -- the labels and split
-of TransformerLens's ``cache.get_full_resid_decomposition(expand_neurons=False)``. Each component
-``x`` is projected on the target's unembedding direction through the final norm:
-
-    dla(x) = center(x) / scale . (w * W_U[:, target])
-
-where ``scale`` is the CACHED ``ln_final.hook_scale`` of the real forward pass, ``center``
-subtracts the mean over d_model for LayerNorm (LN / LNPre) and is the identity for RMS, and ``w``
-is ``ln_final.w`` (1 once folded). This is TransformerLens's ``cache.apply_ln_to_stack`` followed by
-``cache.logit_attrs``. With a norm it is the standard linear approximation: the scale is frozen at
-its cached value, as if the other components were still there. On that footing it is exact:
-
-    sum(components) + logit_bias == logit[target]
-    logit_bias = b_U[target] + ln_final.b . W_U[:, target]
-
-(``ln_final.b`` only for an unfolded LayerNorm; ``logit_bias`` is just ``b_U[target]`` for LNPre,
-RMS and no norm.) With ``normalization_type=None`` nothing is frozen and the identity is exact.
-``relative_to_mean=True`` attributes ``logit[target] - mean_vocab(logit)`` instead (the notebook
-subtracts the mean logit): ``W_U`` and ``b_U`` are centred over the vocabulary first.
-
-The logit lens applies ``ln_final`` (statistics recomputed per stage, as
-``cache.accumulated_resid(apply_ln=True)`` does) and the unembedding to ``resid_pre`` of every
-layer and to the final ``resid_post``; the last stage is the model's own output.
-"""
+"""Direct logit attribution (DLA) of the target logit, and the logit lens, as TransformerLens's
+``logit_attrs`` and ``accumulated_resid`` compute them. The decomposition and its exactness:
+docs/analyses.md, "Direct logit attribution and the logit lens"."""
 
 from __future__ import annotations
 

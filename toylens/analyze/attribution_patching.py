@@ -1,18 +1,5 @@
-"""Attribution patching: a first-order estimate of every activation patching sweep from three passes.
-
-One clean forward (cache), one corrupted forward with the same cache plus one backward pass of the
-metric give, for every hook, head and position, the linear estimate of patching the clean activation
-into the corrupted run (Nanda, "Attribution Patching"):
-
-    metric(patched) - metric(corrupted)  ~=  sum over the patched slice of (clean - corrupted) * d metric / d act
-
-summed over the prompts and the patched slice's feature axes. Results are ``PatchingResult``s with
-the exact sweeps' shapes and semantics (``toylens.analyze.patching``: a value per patch, the
-corrupted metric plus the estimate, normalised 0 = corrupted, 1 = clean by default), so
-``correlation(estimate, exact)`` compares them entry by entry. In a model that is linear in its
-activations (no softmax attention, no nonlinearity, a linear metric) the estimate is exact; the
-tests check that, and the agreement with the autograd of ``run_with_hooks``.
-"""
+"""Attribution patching: a first-order estimate of every activation patching sweep from one clean
+forward, one corrupted forward and one backward pass (Nanda). Details: docs/analyses.md."""
 
 from __future__ import annotations
 

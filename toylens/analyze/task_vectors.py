@@ -1,38 +1,8 @@
-"""In-context-learning task vectors (seed 000; Hendel et al. 2023) on the ``icl`` task.
+"""In-context-learning task vectors (seed 000; Hendel et al. 2023) on the ``icl`` task:
 
     result = task_vectors(model, run.task, site="separator")
-    result.accuracy_mean      # [point]: zero-shot accuracy with the demos' vector patched in
-    result.best()             # the residual-stream point that recovers the most, and its accuracy
 
-For each rule ``k`` of the task, ``n`` demonstration prompts (``sample_rule`` with the config's
-``n_demos``) give the task vector ``theta_k(point)``: the residual stream at the ``site``, mean over
-the prompts, at every point ``blocks.{l}.hook_resid_pre`` and the last ``blocks.{L-1}.hook_resid_post``.
-Zero-shot queries ``[BOS, ;, x_1..x_g, ->]`` (``task.zero_shot``: the query as it follows the demos,
-the demos gone) get ``theta_k`` written over their own residual stream at the site; the prediction
-at their ``->`` is right for rule ``k`` when it is ``task.answer(x, k)`` (``x_{k+1}``; ``x + k`` for
-``rule: shift``). Baselines: the same queries without a vector (no demos) and the demo prompts
-themselves (full demos). The swap experiment writes ``theta_k'`` into demo prompts of rule ``k`` at
-the site and counts the answers that follow ``k'`` (the vector) and those that follow ``k`` (the demos).
-
-Two sites:
-
-* ``arrow``: the final ``->``, where the answer is predicted (Hendel et al.'s choice in LLMs).
-* ``separator``: the last ``;`` before the query (the end of the demos; it cannot see the query).
-  In the swap every ``;`` of the demo prompt gets the vector.
-
-Why two: a toy model reads the query symbol into the final ``->`` in block 0 (it is the previous
-token), so any state of the ``->`` after block 0 holds the query, and a mean over prompts erases it;
-the ``arrow`` site then stays at the no-demo baseline however the rule is represented. Models trained
-with ``fillers`` (demos at varying distances, so the last demo cannot be read at a fixed offset)
-instead compute each demo's rule at its closing ``;`` from the two tokens before it, and the ``->``
-reads the rule from there: the ``separator`` site carries a task vector that recovers the rule
-(``experiment=icl_task_vectors``). With learned absolute positions (``standard``) a vector also
-carries the demos' position, which is not the zero-shot prompt's; rotary models have no such confound.
-
-Each patched run resumes from the cached residual stream at the patched point
-(``forward(start_at_layer=l)``) with every rule's vector stacked along the batch, and unembeds
-only the ``->``; ``patched_logits`` is checked against one ``run_with_hooks`` per point and vector.
-"""
+The two sites, baselines and the swap experiment: docs/analyses.md, "Task vectors"."""
 
 from __future__ import annotations
 

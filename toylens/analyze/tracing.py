@@ -1,31 +1,8 @@
 """Causal tracing (ROME): noise the embeddings of some positions, then restore one clean state at a time.
 
     result = causal_trace(model, tokens, answer_pos, answer_tokens, noise_positions=[1, 2, 3])
-    result.values["mlp"]        # [layer, pos]: mean probability of the answer with that state restored
-    result.figures()            # one ROME-style heatmap per kind
 
-As in ROME (and seed 003's summary of it): Gaussian noise of standard deviation ``sigma`` (default
-3 x the std of ``W_E``) is added to the token embedding (``hook_embed``; a positional embedding is
-left alone) at the noised positions, ``n_samples`` seeded draws, the same draws for every restore.
-The metric is the probability (or log-probability) of the correct answer at ``answer_pos``, mean
-over noise samples and prompts. A restore writes the clean run's activation at ``(hook, pos)`` into
-the noised run. The rows of each kind (``row_labels``):
-
-- ``resid``: ``blocks.0.hook_resid_pre`` (the embeddings; ROME's ``embed``), then
-  ``blocks.{l}.hook_resid_post`` for every layer (ROME's hidden state after layer ``l``).
-- ``attn`` / ``mlp``: ``blocks.{l}.hook_attn_out`` / ``hook_mlp_out``; with ``window=w`` the layers
-  ``max(0, l - w//2) .. min(n_layers, l + ceil(w/2)) - 1`` are restored together, as ROME's
-  ``trace_important_window``. ``resid`` ignores the window (as ROME).
-
-From a ``PromptPairs`` ``p``: ``causal_trace(model, p.clean, p.answer_pos, p.answers[:, 0, 0], ...)``
-(the noise is the corruption, so ``p.corrupted`` is not used).
-
-Fast and exact (``restore_sweep`` is checked against one ``run_with_hooks`` per restore in the
-tests): restores are stacked along the batch, each group resumes from the cached noised residual
-stream entering the first block it touches (``forward(start_at_layer=l)``), positions after the
-last ``answer_pos`` are dropped when the model is causal, only the answer position is unembedded, and
-rows run in chunks that fit ``chunk_budget_mb``.
-"""
+Rows, metric and why the batched sweep is exact: docs/analyses.md, "Causal tracing"."""
 
 from __future__ import annotations
 

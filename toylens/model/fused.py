@@ -71,25 +71,28 @@ class Engine:
         # relu in place when nothing needs ``pre`` afterwards (saves a pass over [rows, pos, d_mlp])
         self.act_ = torch.relu_ if detach and c.act_fn == "relu" else self.act
         grad = torch.no_grad() if detach else contextlib.nullcontext()
-        lay = (lambda t: t.contiguous()) if detach else (lambda t: t)
+        lay = (lambda t: t.detach().contiguous()) if detach else (lambda t: t)
+        keep = (lambda t: None if t is None else t.detach()) if detach else (lambda t: t)
         with grad:
-            self.W_E = model.embed.W_E
-            self.W_pos = model.pos_embed.W_pos if positional_embedding_type(model) == "standard" else None
+            self.W_E = keep(model.embed.W_E)
+            self.W_pos = keep(model.pos_embed.W_pos) if positional_embedding_type(model) == "standard" else None
             self.layers = []
             hd = self.n_heads * self.d_head
             for blk in model.blocks:
                 a = blk.attn
                 w_qkv = torch.cat([a.W_Q, a.W_K, a.W_V], 0).transpose(1, 2).reshape(3 * hd, self.d_model)
-                layer = Layer(attn=a, scale=float(a.attn_scale), ln1=ln_params(blk.ln1, self.norm_type),
+                ln1 = tuple(map(keep, ln_params(blk.ln1, self.norm_type)))
+                layer = Layer(attn=a, scale=float(a.attn_scale), ln1=ln1,
                               w_qkv=w_qkv.contiguous(),
                               b_qkv=torch.cat([a.b_Q, a.b_K, a.b_V], 0).reshape(3 * hd).contiguous(),
-                              w_o=lay(a.W_O.reshape(hd, self.d_model).T), b_o=a.b_O)
+                              w_o=lay(a.W_O.reshape(hd, self.d_model).T), b_o=keep(a.b_O))
                 if not self.attn_only:
                     m = blk.mlp
-                    layer.ln2 = ln_params(blk.ln2, self.norm_type)
-                    layer.w_in, layer.b_in, layer.w_out, layer.b_out = lay(m.W_in.T), m.b_in, lay(m.W_out.T), m.b_out
+                    layer.ln2 = tuple(map(keep, ln_params(blk.ln2, self.norm_type)))
+                    layer.w_in, layer.w_out = lay(m.W_in.T), lay(m.W_out.T)
+                    layer.b_in, layer.b_out = keep(m.b_in), keep(m.b_out)
                 self.layers.append(layer)
-            self.ln_final = ln_params(getattr(model, "ln_final", None), self.norm_type)
+            self.ln_final = tuple(map(keep, ln_params(getattr(model, "ln_final", None), self.norm_type)))
         self.unembed = Unembed(model, detach=detach)
         self._loss_unembed: Unembed | None = None
 
@@ -123,6 +126,19 @@ class Engine:
         out = F.linear(h, w, b)
         return out.unflatten(-1, (len(part), self.n_heads, self.d_head)) if len(part) > 1 else \
             out.unflatten(-1, (self.n_heads, self.d_head))
+
+    def project_heads(self, layer: int, h: Tensor, part: str) -> Tensor:
+        """Each head's own ``q``, ``k`` or ``v`` from its own normalised input ``h`` ``[..., head_index, d_model]``
+        (split inputs, as TransformerLens's ``use_split_qkv_input``): ``[..., head_index, d_head]``."""
+        w, b = self.layers[layer].rows(part)
+        w = w.reshape(self.n_heads, self.d_head, self.d_model)
+        return torch.einsum("...hm,hem->...he", h, w) + b.view(self.n_heads, self.d_head)
+
+    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
+        """Each head's write to the residual stream, ``z @ W_O`` without ``b_O``: ``[head_index, ..., d_model]``
+        from ``z`` ``[..., head_index, d_head]`` (TransformerLens's ``hook_result``)."""
+        w = self.layers[layer].w_o.reshape(self.d_model, self.n_heads, self.d_head)
+        return torch.einsum("...he,mhe->h...m", z, w)
 
     def rotate(self, layer: int, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """``apply_rotary`` of x ``[..., pos, head_index, d_head]`` at absolute ``positions`` (``[pos]`` shared, or

@@ -47,6 +47,8 @@ class Unembed:
         with torch.no_grad() if detach else contextlib.nullcontext():
             if kind in FUSED_NORMS and not getattr(c, "final_rms", False):
                 w, b = ln_params(getattr(model, "ln_final", None), kind)
+                if detach:
+                    w, b = (None if t is None else t.detach() for t in (w, b))
                 self.norm = norm_fn(kind, w, b, c.eps)
             else:  # the model's own module: exact for any variant
                 self.norm = model.ln_final
@@ -58,7 +60,7 @@ class Unembed:
                 pad = -w_u.shape[0] % 16
                 w_u = torch.cat([w_u, w_u.new_zeros(pad, w_u.shape[1])])
                 b_u = torch.cat([b_u, b_u.new_full((pad,), -torch.inf)])
-            self.W, self.b = (w_u.contiguous(), b_u.contiguous()) if detach else (w_u, b_u)
+            self.W, self.b = (w_u.detach().contiguous(), b_u.detach().contiguous()) if detach else (w_u, b_u)
 
     def __call__(self, x: Tensor) -> Tensor:
         """Logits of residual-stream vectors ``x`` [..., d_model] (already at the wanted positions)."""

@@ -1,20 +1,8 @@
-"""Ablate every hook: replace one activation at a time and rank hooks by how much the loss rises.
-
-Seed 004's "Activation Replacement" loop, made exact-and-fast: for every hook point the forward
-pass fires (plus every attention head on its own, labelled ``L{l}H{h}``), replace the activation
-by its mean over a reference batch (kept per position, ``cache[hook].mean(0)``), by zero, or by
-another row's activation (resample), and measure loss and accuracy on the evaluation batch.
+"""Ablate every hook: replace one activation at a time (mean, zero or resample) and rank hooks by the loss.
 
     result = ablate_every_hook(model, batch, reference=other_batch, modes=("mean", "zero"))
-    result.rows[:5]            # the five most damaging ablations
-    result.to_csv(run_dir / "report" / "ablation.csv")
 
-How it stays exact while being fast is in ``ablation_plan``; the tests compare it against the
-naive loop (one ``run_with_hooks`` per hook on the whole batch). Plain models (the ones toylens
-trains) run on ``ablation_fused``'s fused forward; others through the model's own hooks. For the
-duration of a call on CPU, chunks run in ``workers`` threads sharing torch's threads (torch's
-thread count is restored afterwards).
-"""
+Why it is exact and fast: docs/analyses.md, "Every-hook ablation"; the tests hold it to the naive loop."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""Ablation runs through a HookedTransformer's own hook points: any architecture, exactly.
-
-The primitive is :meth:`Runner.run`: run the model on one chunk of rows, from the block that
-contains hook H (``HookedTransformer.forward(start_at_layer=l)``), with the activation at H
-replaced by ``f(clean activation)`` through a TransformerLens hook, so its semantics (``ln1``
-hooks firing once for each of q, k and v, ``hook_attn_scores`` after the causal mask, ...) are
-TransformerLens's own. The plan (resume points, one-row values, dead hook points cut to one row)
-comes from ``ablation_plan``; the one-row tricks are used only for plain sequential blocks
-(``fast_path_ok``), other architectures get the same resumed, chunked loop with replacements
-expanded to full size. Plain models use the faster ``ablation_fused`` instead.
-
-Hooks are installed once, on every hook point, as a dispatcher (:class:`Patches`) that applies
-what the calling thread's current run patches, so worker threads can share one model.
-"""
+"""Ablation runs through a HookedTransformer's own hook points: any architecture, exactly (the models the
+fused engine does not compute, or whose hook points differ from the plain architecture's)."""
 
 from __future__ import annotations
 

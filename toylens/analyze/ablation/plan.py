@@ -1,31 +1,6 @@
-"""The plan behind ``ablate_every_hook``, shared by its two runners, and why it is exact.
-
-For every label (a hook name, or ``L{l}H{h}`` for one head of ``hook_z``) a :class:`Job` says
-where the run resumes and which values are dead; the runners (``ablation_fused`` for the plain
-models toylens trains, ``ablation_hooked`` for any other HookedTransformer) carry it out chunk by
-chunk and return summed cross-entropy and correct argmaxes on the loss-masked positions.
-
-Why each trick is exact (the naive loop, one ``run_with_hooks`` per hook on the whole batch, is
-the oracle the tests compare against):
-
-* Resume at a block boundary. The model is a stack of blocks, so the clean forward pass up to
-  block l is identical with or without an ablation inside block l: keep, per chunk, the clean
-  residual stream entering every block and re-run only from the hook's block.
-* One row for batch-constant values. A mean or zero replacement is the same for every row: it is
-  a single row and the following operations broadcast it, so everything that depends only on it
-  (the whole rest of the model after a ``hook_resid_*`` ablation) runs on one row.
-* Dead values. When H is replaced whole, what only fed H is not computed (or runs on one row):
-  the run's input after a residual-stream ablation, the attention before ``hook_z``/``hook_attn_out``,
-  the MLP before ``mlp.hook_post``.
-* Linearly equivalent hooks. Mean and resample commute with the linear maps between some hook
-  points (``hook_z`` and ``hook_attn_out``, ...), so one of each pair is computed (``Job.same_as``).
-* Chunks of ``chunk_rows`` rows, and only the loss: log-softmax and the target's logit per chunk,
-  at the positions some row's ``loss_mask`` selects; full logits of the batch never exist.
-
-Speed on a small CPU is mostly memory traffic and synchronisation: chunks run in worker threads
-that share torch's threads (on 2 cores: two workers, torch single-threaded, so no OpenMP barrier
-in every small op, which collapses when other processes share the cores).
-"""
+"""The plan behind ``ablate_every_hook``, shared by its two runners: per label, where the run resumes and
+which values are dead; loss and accuracy per chunk; worker threads. Why each trick is exact:
+docs/analyses.md, "The ablation plan"."""
 
 from __future__ import annotations
 

@@ -1,41 +1,8 @@
-"""Activation patching sweeps: patch clean activations into the corrupted run, one patch at a time.
+"""Activation patching sweeps with ``transformer_lens.patching``'s shapes and semantics, on one batched engine:
 
-The sweeps of ``transformer_lens.patching``, with the same shapes and semantics (each equals
-TransformerLens's function on the same inputs to 1e-5; the tests check it), computed by one batched
-engine (``patching_engine``) that stacks patches along the batch, resumes from the cached
-corrupted run at the patched layer and position, and unembeds only the answer position:
-
-    pairs = PromptPairs(clean, corrupted, answer_pos, answers)
     result = patch(model, pairs, "resid_pre")            # [layer, pos], 0 = corrupted, 1 = clean
-    result = patch(model, pairs, "attn_head_all_pos_every", metric="loss", normalize=False)
-    result.values, result.dims, result.labels, result.figures()
 
-Kinds (TransformerLens function in brackets; head axes count key/value heads for k and v):
-
-- ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``: ``[layer, pos]``
-  (``get_act_patch_resid_pre`` ...; ``resid_post`` has no TL function: ``generic_activation_patch``
-  with ``layer_pos_patch_setter``)
-- ``z_all_pos``, ``q_all_pos``, ``k_all_pos``, ``v_all_pos``, ``pattern_all_pos``: ``[layer, head_index]``
-  (``get_act_patch_attn_head_out_all_pos``, ``..._q_all_pos`` ...)
-- ``z_by_pos``, ``q_by_pos``, ``k_by_pos``, ``v_by_pos``: ``[layer, pos, head_index]``;
-  ``pattern_by_pos``: ``[layer, head_index, dest_pos]``; ``pattern_dest_src``:
-  ``[layer, head_index, dest_pos, src_pos]``
-- ``block_every`` ``[3, layer, pos]`` (resid_pre, attn_out, mlp_out), ``attn_head_all_pos_every``
-  ``[5, layer, head_index]`` and ``attn_head_by_pos_every`` ``[5, layer, pos, head_index]`` (z, q, k,
-  v, pattern), as ``get_act_patch_block_every`` etc.
-
-Metrics are per-prompt functions of the answer-position logits (``toylens.analyze.metrics``); a
-sweep's value is their mean over prompts, normalised (0 = corrupted, 1 = clean) by default.
-
-Speed (``benchmarks/patching_speed.py``): the engine's work is the part of each patched run that
-can differ from the corrupted run, so the gain over one full forward per patch is largest for
-patches local to a position (z, q, pattern, residual writes), for late layers and positions, and
-for prompt pairs that share a prefix. The benchmark prints each sweep's work ratio (TransformerLens's
-block-positions over the engine's): an all-position head sweep on a 2-layer model has only
-``2 * n_heads`` patches, so TL's whole computation is a few forwards and the ratio is under 3; a
-resid_pre, k or v patch at layer 0 changes every later position, so on prompts that differ from
-position 1 on the ratio is 4-7. There the speed-up comes only from a cheaper block-position.
-"""
+Kinds, metrics and where the speed comes from: docs/analyses.md, "Activation patching"."""
 
 from __future__ import annotations
 

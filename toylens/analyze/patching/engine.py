@@ -1,30 +1,5 @@
-"""The engine behind ``toylens.analyze.patching``: every patch of a sweep, stacked along the batch.
-
-A sweep is a set of patches (a layer, and a position, head or source position depending on the
-kind); a patch applies to every prompt. The engine turns (patch, prompt) pairs into *items* and
-runs many items in one stacked batch. Why each shortcut is exact (``transformer_lens.patching``,
-one ``run_with_hooks`` per patch on the whole batch, is the oracle the tests compare against):
-
-* Causal truncation. The metric reads logits at ``answer_pos`` only, so every run stops at
-  ``T = answer_pos.max() + 1``; a patch at a position after a prompt's answer position cannot move
-  that prompt's metric, which is then the corrupted run's.
-* Shared prefixes. Before the first position where a prompt's clean and corrupted tokens differ,
-  the two runs have the same activations, so a patch there changes nothing for that prompt; an
-  all-position patch starts to matter there.
-* Resume at the patched layer and position. The patched run equals the corrupted run before the
-  patched layer, and (causal) at positions before the first changed one, so items start from the
-  corrupted cache at their layer and run positions ``[p0, T)`` only, with the corrupted keys and
-  values of earlier positions (``patching_blocks.FastBlocks``). A patch whose effect is local to
-  its position inside the layer (z, q, pattern by position, the residual writes) recomputes only
-  that position in that layer, and in the last layer it can only matter at the answer position.
-* The last block and the unembedding run at the answer position only; a metric that reads only
-  the answer tokens' logits (``logit_diff``) gets just those columns.
-* Chunks: items are grouped by (layer, first position) and packed into chunks that fit a memory
-  budget; merging items that start at different positions recomputes a few unchanged positions.
-
-Architectures ``FastBlocks`` does not cover run the same items through TransformerLens's own
-blocks with a patching hook (full positions, from the patched layer).
-"""
+"""The engine behind ``toylens.analyze.patching``: every (patch, prompt) item of a sweep, planned, chunked and
+stacked along the batch. Why each shortcut is exact: docs/analyses.md, "The patching engine"."""
 
 from __future__ import annotations
 

@@ -1,0 +1,311 @@
+"""Circuit discovery against naive references built from TransformerLens hooks (split q/k/v inputs, hook_mlp_in,
+hook_result), over the engine's config matrix, and on a hand-built induction model whose circuit is known."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from toylens._compat import HookedTransformerConfig
+from toylens.analyze.discovery import DiscoveryError, EdgeRunner, Graph, discover, methods
+from toylens.analyze.metrics import logit_diff
+from toylens.analyze.pairs import PromptPairs
+from toylens.model.build import make_model
+from toylens.model.zoo import random_model
+
+VOCAB, N_POS = 23, 8
+
+
+def pairs_for(model, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, VOCAB, (n, N_POS), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 1:4] = torch.randint(0, VOCAB, (n, 3), generator=g)
+    answer_pos = torch.tensor([N_POS - 1, 5, 6, N_POS - 1, 4][:n])
+    answers = torch.randint(0, VOCAB, (n, 2, 1), generator=g)
+    return PromptPairs(clean, corrupted, answer_pos, answers)
+
+
+# --- the naive references ------------------------------------------------------------------------
+def _split_model(model):
+    m = copy.deepcopy(model)
+    m.set_use_split_qkv_input(True)
+    m.set_use_attn_result(True)
+    if not m.cfg.attn_only:
+        m.set_use_hook_mlp_in(True)
+    return m
+
+
+def _sources(m, cache_or_store, graph):
+    """Source values by name from hook values: embed = resid_pre of block 0, heads = hook_result, MLPs."""
+    have = set(cache_or_store.keys())
+    out = {"embed": cache_or_store["blocks.0.hook_resid_pre"]} if "blocks.0.hook_resid_pre" in have else {}
+    for layer in range(m.cfg.n_layers):
+        if f"blocks.{layer}.attn.hook_result" in have:
+            for h in range(m.cfg.n_heads):
+                out[f"L{layer}H{h}"] = cache_or_store[f"blocks.{layer}.attn.hook_result"][:, :, h]
+        if f"blocks.{layer}.hook_mlp_out" in have:
+            out[f"MLP{layer}"] = cache_or_store[f"blocks.{layer}.hook_mlp_out"]
+    return out
+
+
+def _dest_hooks(m):
+    """(hook name, [(head or None, destination name)]) in the order they fire."""
+    hooks = []
+    for layer in range(m.cfg.n_layers):
+        for part in "qkv":
+            hooks.append((f"blocks.{layer}.hook_{part}_input",
+                          [(h, f"L{layer}H{h}.{part}") for h in range(m.cfg.n_heads)]))
+        if not m.cfg.attn_only:
+            hooks.append((f"blocks.{layer}.hook_mlp_in", [(None, f"MLP{layer}")]))
+    hooks.append((f"blocks.{m.cfg.n_layers - 1}.hook_resid_post", [(None, "logits")]))
+    return hooks
+
+
+def naive_run(model, tokens, M, corrupted_src, graph, deltas=None):
+    """The model with every edge u -> v that M turns off carrying u's corrupted value: at each destination's
+    own input hook, subtract (u's value in this run - its corrupted value). ``deltas``: add a zero leaf that
+    requires grad at every destination input (for gradients), stored by destination name."""
+    m = _split_model(model)
+    store = {}
+
+    def keep(act, hook):
+        store[hook.name] = act
+
+    src_hooks = ["blocks.0.hook_resid_pre"] + [f"blocks.{lay}.attn.hook_result" for lay in range(m.cfg.n_layers)]
+    src_hooks += [] if m.cfg.attn_only else [f"blocks.{lay}.hook_mlp_out" for lay in range(m.cfg.n_layers)]
+
+    def patch(dests):
+        def fn(act, hook):
+            current = _sources(m, store, graph)
+            act = act.clone()
+            for head, dst in dests:
+                d = graph.dests.index(dst)
+                fix = 0
+                for s, src in enumerate(graph.sources):
+                    if graph.allowed[s, d] and M[s, d] == 0:
+                        fix = fix + (current[src] - corrupted_src[src])
+                if deltas is not None:
+                    deltas[dst] = torch.zeros(act.shape[:2] + act.shape[-1:], dtype=act.dtype, requires_grad=True)
+                    fix = fix - deltas[dst]
+                if head is None:
+                    act = act - fix
+                else:
+                    act[:, :, head] = act[:, :, head] - fix
+            return act
+        return fn
+
+    fwd = [(h, keep) for h in src_hooks] + [(name, patch(dests)) for name, dests in _dest_hooks(m)]
+    return m.run_with_hooks(tokens, fwd_hooks=fwd), store, m
+
+
+def naive_sources(model, tokens, graph):
+    m = _split_model(model)
+    _, cache = m.run_with_cache(tokens)
+    return _sources(m, cache, graph)
+
+
+def naive_value(model, pairs, M, corr, graph):
+    logits, _, _ = naive_run(model, pairs.clean, M, corr, graph)
+    rows = torch.arange(pairs.batch_size)
+    return logit_diff(logits[rows, pairs.answer_pos], pairs).mean()
+
+
+MODELS = ["ln-standard-gelu", "rms-silu", "pos-none", "rotary", "attn-only", "dmodel-ne-heads", "inverse-layer-scale",
+          "bidirectional", "nonorm-relu"]
+
+
+def small(name):
+    return random_model(name, n_layers=2, n_ctx=N_POS, d_vocab=VOCAB).to(torch.float64, print_details=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_exact_edge_patching_equals_naive_hooks(name):
+    model = small(name)
+    pairs = pairs_for(model)
+    runner = EdgeRunner(model, pairs)
+    g = runner.graph
+    corr = naive_sources(model, pairs.corrupted, g)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(3):
+        M = (torch.rand(g.allowed.shape, generator=gen) < 0.6).double() * g.allowed
+        if trial == 0:
+            M = torch.zeros_like(M)
+        got = runner.value(runner.forward(M))
+        want = naive_value(model, pairs, M, corr, g)
+        assert float(got) == pytest.approx(float(want), abs=1e-9), trial
+    everything_off = float(naive_value(model, pairs, torch.zeros_like(M), corr, g))
+    assert float(runner.corrupted_value) == pytest.approx(everything_off)
+    # resuming at a destination's layer gives the same as a full run when earlier edges are all kept
+    M = g.allowed.double().clone()
+    d = g.dests.index("L1H0.k")
+    M[:, d] = 0
+    torch.testing.assert_close(runner.forward(M, runner.start_of(d)), runner.forward(M), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ln-standard-gelu", "bidirectional", "dmodel-ne-heads", "rotary"])
+def test_eap_equals_naive_autograd(name):
+    model = small(name)
+    pairs = pairs_for(model)
+    runner = EdgeRunner(model, pairs)
+    g = runner.graph
+    scores = methods.eap(runner)
+    with torch.no_grad():
+        corr = naive_sources(model, pairs.corrupted, g)
+        clean = naive_sources(model, pairs.clean, g)
+    deltas = {}
+    logits, _, _ = naive_run(model, pairs.clean, g.allowed.double(), corr, g, deltas)
+    rows = torch.arange(pairs.batch_size)
+    value = logit_diff(logits[rows, pairs.answer_pos], pairs).mean()
+    names = list(deltas)
+    grads = dict(zip(names, torch.autograd.grad(value, [deltas[n] for n in names]), strict=True))
+    for s, src in enumerate(g.sources):
+        for d, dst in enumerate(g.dests):
+            if g.allowed[s, d]:
+                want = ((corr[src] - clean[src]) * grads[dst]).sum().item()
+                assert scores[s, d].item() == pytest.approx(want, abs=1e-9), (src, dst)
+
+
+def naive_acdc(model, pairs, graph, threshold, corr):
+    M = graph.allowed.double().clone()
+    current = float(naive_value(model, pairs, M, corr, graph))
+    scores = torch.zeros(graph.allowed.shape, dtype=torch.float64)
+    for d in reversed(range(len(graph.dests))):
+        for s in reversed(range(len(graph.sources))):
+            if not graph.allowed[s, d]:
+                continue
+            M[s, d] = 0
+            new = float(naive_value(model, pairs, M, corr, graph))
+            scores[s, d] = abs(new - current)
+            if scores[s, d] < threshold:
+                current = new
+            else:
+                M[s, d] = 1
+    return M.bool(), scores
+
+
+@pytest.mark.parametrize("name", ["attn-only", "ln-standard-gelu"])
+@torch.no_grad()
+def test_acdc_matches_a_naive_acdc_loop(name):
+    model = small(name)
+    pairs = pairs_for(model)
+    runner = EdgeRunner(model, pairs)
+    threshold = 0.05
+    kept, scores = methods.acdc(runner, threshold)
+    want_kept, want_scores = naive_acdc(model, pairs, runner.graph, threshold, naive_sources(model, pairs.corrupted,
+                                                                                            runner.graph))
+    assert torch.equal(kept, want_kept & runner.graph.allowed)
+    torch.testing.assert_close(scores, want_scores, atol=1e-9, rtol=1e-9)
+    assert 0 < int(kept.sum()) < runner.graph.n_edges  # a real choice was made
+
+
+# --- ground truth by construction ----------------------------------------------------------------------
+V, K = 8, 5  # vocabulary, half length: sequences x_1..x_K x_1..x_K
+N = 2 * K
+
+
+def planted_induction_model():
+    """Layer 0: H0 a previous-token head (positions), H1 writes where nothing reads. Layer 1: H0 an induction head
+    (query: the token; key: the previous token H0 wrote, K-composition; value: the token, copied to the output
+    subspace W_U reads), H1 writes where nothing reads. Subspaces: token, position, previous token, output, junk."""
+    tok, pos, prev, out, junk = 0, V, V + N, 2 * V + N, 3 * V + N
+    d_model, d_head, big = 3 * V + N + 4, max(V, N), 40.0
+    cfg = HookedTransformerConfig(n_layers=2, d_model=d_model, n_heads=2, d_head=d_head, d_vocab=V, n_ctx=N,
+                                  attn_only=True, normalization_type=None, seed=0)
+    model = make_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for t in range(V):
+            model.embed.W_E[t, tok + t] = 1
+            model.unembed.W_U[out + t, t] = 1
+        for p in range(N):
+            model.pos_embed.W_pos[p, pos + p] = 1
+        a0, a1 = model.blocks[0].attn, model.blocks[1].attn
+        for p in range(N):
+            a0.W_Q[0, pos + p, p] = big
+            if p + 1 < N:
+                a0.W_K[0, pos + p, p + 1] = 1  # key of j matches the query of j + 1
+        for t in range(V):
+            a0.W_V[0, tok + t, t] = 1
+            a0.W_O[0, t, prev + t] = 1  # previous token
+            a0.W_V[1, tok + t, t] = 1
+            a0.W_O[1, t, junk + t % 4] = 1
+            a1.W_Q[0, tok + t, t] = big
+            a1.W_K[0, prev + t, t] = 1  # K-composition with L0H0
+            a1.W_V[0, tok + t, t] = 1
+            a1.W_O[0, t, out + t] = 1
+            a1.W_Q[1, tok + t, t] = big
+            a1.W_K[1, tok + t, t] = 1
+            a1.W_V[1, tok + t, t] = 1
+            a1.W_O[1, t, junk + t % 4] = 1
+    return model.eval()
+
+
+def induction_pairs(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(n)])
+    clean = torch.cat([first, first], 1)
+    other = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(n)])
+    corrupted = torch.cat([other, first], 1)
+    answer_pos = torch.full((n,), N - 2)
+    answers = torch.stack([first[:, K - 1], other[:, K - 1]], 1)[:, :, None]
+    return PromptPairs(clean, corrupted, answer_pos, answers)
+
+
+TRUE_EDGES = {("embed", "L0H0.v"), ("L0H0", "L1H0.k"), ("embed", "L1H0.v"), ("L1H0", "logits")}
+
+
+def auc(result) -> float:
+    pos = [abs(e["score"]) for e in result.edges if (e["src"], e["dst"]) in TRUE_EDGES]
+    neg = [abs(e["score"]) for e in result.edges if (e["src"], e["dst"]) not in TRUE_EDGES]
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_planted_induction_model_does_induction():
+    model, pairs = planted_induction_model(), induction_pairs()
+    with torch.no_grad():
+        logits = model(pairs.clean)[torch.arange(pairs.batch_size), pairs.answer_pos]
+    assert (logits.argmax(-1) == pairs.answers[:, 0, 0]).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "acdc", "eap", "eap_ig"])
+def test_every_method_finds_the_planted_circuit(method):
+    model, pairs = planted_induction_model(), induction_pairs()
+    kwargs = {"threshold": 1e-6} if method == "acdc" else {"top_n": len(TRUE_EDGES)}
+    result = discover(model, pairs, method=method, metric="logit_diff", **kwargs)
+    score = auc(result)
+    if method in ("exact", "acdc"):
+        assert score == 1.0
+        assert set(result.circuit) == TRUE_EDGES
+    else:
+        assert score > 0.9, score  # first-order methods: reported, not guaranteed
+    assert result.faithfulness["recovered"][0] == pytest.approx(0.0, abs=1e-6)
+    assert result.faithfulness["recovered"][-1] == pytest.approx(1.0, abs=1e-6)
+    if method in ("exact", "acdc"):
+        assert result.faithfulness["circuit_recovered"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_graph_naming_and_edges():
+    g = Graph.of(2, 2, attn_only=False)
+    assert g.sources == ("embed", "L0H0", "L0H1", "MLP0", "L1H0", "L1H1", "MLP1")
+    assert g.dests[:6] == ("L0H0.q", "L0H1.q", "L0H0.k", "L0H1.k", "L0H0.v", "L0H1.v")
+    assert g.dests[-1] == "logits" and "MLP0" in g.dests
+    assert g.allowed[g.index("L0H0", "MLP0")] and g.allowed[g.index("MLP0", "L1H0.q")]
+    with pytest.raises(KeyError, match="does not exist"):
+        g.index("L1H0", "L0H0.q")
+    assert g.n_edges == 6 + 3 + 4 * 6 + 6 + 7  # embed->L0 qkv, 3->MLP0, 4 sources->6 L1 inputs, 6->MLP1, 7->logits
+
+
+def test_refusals_are_one_line():
+    with pytest.raises(DiscoveryError, match="gated_mlp"):
+        EdgeRunner(random_model("gated-mlp", n_layers=2, n_ctx=N_POS, d_vocab=VOCAB), pairs_for(small("rms-silu")))
+    model = small("attn-only")
+    with pytest.raises(DiscoveryError, match="metric="):
+        EdgeRunner(model, pairs_for(model), metric="nope")
+    with pytest.raises(DiscoveryError, match="threshold="):
+        discover(model, pairs_for(model), method="acdc")
+    assert math.isfinite(discover(model, pairs_for(model), method="eap", metric="kl", top_n=3).clean_value)
