@@ -33,7 +33,13 @@ def left_out_reason(name: str, ctx) -> str | None:
         what = "a pretrained model" if task is None else f"a run of the {task.name} task"
         return (f"task vectors need a run of the icl task (e.g. toylens-train experiment=icl_task_vectors); "
                 f"this is {what}")
-    if name in ("patching", "tracing"):
+    if name == "discovery":
+        from toylens.model.eligibility import fast_path_reason
+
+        why = fast_path_reason(ctx.model)
+        if why:
+            return f"circuit discovery runs on the fused engine, which does not compute this model ({why})"
+    if name in ("patching", "tracing", "discovery"):
         from toylens.report.interventions import pairs_for
 
         pairs = pairs_for(ctx)

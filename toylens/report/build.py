@@ -40,10 +40,12 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
         model = run.model(step, device=device)
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
     from toylens.report import canon as rc
+    from toylens.report import discovery as rd
     from toylens.report import interventions as ri
 
     builders = [("overview", rs.overview), ("training", rs.training)] + [
-        (name, getattr(rc if name in CANON else ri if name in INTERVENTIONS else rs, name))
+        (name, getattr(rc if name in CANON else ri if name in INTERVENTIONS else rd if name == "discovery" else rs,
+                       name))
         for name in ANALYSES if name in cfg.analyses]
     if cfg.over == "checkpoints":
         from toylens.report.dynamics import dynamics

@@ -17,7 +17,7 @@ from toylens.runs.run import ANALYSIS_SEED, FOLD_TOL
 
 # In page order. "circuits" folds the model itself when "fold" is not asked for.
 ANALYSES = ("fold", "induction", "fourier", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation",
-            "patching", "tracing", "task_vectors")
+            "patching", "tracing", "task_vectors", "discovery")
 # Sections built by report_interventions (the others by report_sections).
 INTERVENTIONS = ("patching", "tracing", "task_vectors")
 CANON = ("induction", "fourier")  # built by report.canon; a run whose task does not fit gets the reason
@@ -74,6 +74,16 @@ class TaskVectorsConfig:
 
 
 @dataclass
+class DiscoveryConfig:  # circuit discovery on the pairs (toylens/analyze/discovery)
+    method: str = "eap"  # exact | eap | eap_ig | acdc
+    metric: str = "logit_diff"  # logit_diff | loss | accuracy | kl
+    threshold: float | None = None  # acdc: its threshold (required); others: keep edges with |score| above it
+    top_n: int | None = None  # keep the n best edges
+    target: float = 0.9  # else: the fewest best edges recovering this share of the metric
+    ig_steps: int = 5  # eap_ig: points on the path from the corrupted to the clean embeddings
+
+
+@dataclass
 class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
     analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # + eval loss
     steps: list[int] | None = None  # checkpoint steps to analyse; null: every saved one
@@ -96,6 +106,7 @@ class AnalyzeConfig:
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     task_vectors: TaskVectorsConfig = field(default_factory=TaskVectorsConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     out: str | None = None  # model=pretrained: the report folder (with a run: <run>/report)
     chunk_size: int = 250  # rows per forward pass in every other analysis
     fold_tol: float = FOLD_TOL  # max |delta log-prob| allowed between folded and original model
@@ -120,6 +131,7 @@ def _need(ok: bool, msg: str) -> None:
 
 def validate(cfg: AnalyzeConfig) -> None:
     """Raise ConfigError (one line: field, problem, fix) for any value that cannot work."""
+    _validate_discovery(cfg.discovery)
     try:
         check_model_config(cfg.model)
     except PretrainedError as e:
@@ -171,3 +183,15 @@ def validate(cfg: AnalyzeConfig) -> None:
 
 def config_dict(cfg: AnalyzeConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _validate_discovery(dc: DiscoveryConfig) -> None:
+    methods, metrics = ("exact", "eap", "eap_ig", "acdc"), ("logit_diff", "loss", "accuracy", "kl")
+    _need(dc.method in methods, f"discovery.method={dc.method!r} is unknown; choose one of {', '.join(methods)}")
+    _need(dc.metric in metrics, f"discovery.metric={dc.metric!r} is unknown; choose one of {', '.join(metrics)}")
+    _need(dc.method != "acdc" or dc.threshold is not None,
+          "discovery.method=acdc needs discovery.threshold (e.g. discovery.threshold=0.01 with discovery.metric=kl)")
+    _need(dc.threshold is None or dc.threshold > 0, f"discovery.threshold={dc.threshold} must be positive")
+    _need(dc.top_n is None or dc.top_n >= 1, f"discovery.top_n={dc.top_n} must be at least 1")
+    _need(0 < dc.target <= 1, f"discovery.target={dc.target} must lie in (0, 1], e.g. 0.9")
+    _need(dc.ig_steps >= 1, f"discovery.ig_steps={dc.ig_steps} must be at least 1")
