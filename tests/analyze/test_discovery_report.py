@@ -59,3 +59,22 @@ def test_acdc_without_threshold_exits_2_on_the_command_line(trained):
     assert proc.returncode == 2
     assert "discovery.threshold" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2
+
+
+def test_circuit_formation_over_checkpoints(trained):
+    run = load_run(trained)
+    cfg = AnalyzeConfig(run=str(trained), device="cpu", progress=False, analyses=["discovery"], over="checkpoints")
+    cfg.dynamics.analyses = ["discovery"]
+    cfg.discovery.top_n = 4
+    index = make_report(run, cfg)
+    data = json.loads((index.parent / "report.json").read_text())
+    final, dyn = data["discovery"], data["dynamics"]["discovery"]
+    assert dyn["steps"] == run.steps
+    circuit = [(e["src"], e["dst"]) for e in final["edges"] if e["in_circuit"]]
+    assert [tuple(e) for e in dyn["edges"]] == circuit
+    # the last checkpoint is the one the section analysed: the same scores and faithfulness
+    last = {(e["src"], e["dst"]): e["score"] for e in final["edges"]}
+    assert dyn["scores"][-1] == pytest.approx([last[e] for e in circuit], abs=1e-9)
+    assert dyn["faithfulness"][-1] == pytest.approx(final["faithfulness"]["circuit_recovered"], abs=1e-9)
+    assert set(dyn["formed_at"]) == {f"{s} -> {d}" for s, d in circuit}
+    assert "dynamics/discovery_edges" in index.read_text()

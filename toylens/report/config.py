@@ -147,9 +147,9 @@ def validate(cfg: AnalyzeConfig) -> None:
         _need(size > 0, f"{key}.size={size} must be positive (rows of the task to analyse), e.g. {key}.size=2000")
     _need(cfg.over in (None, "checkpoints"), f"over={cfg.over!r}: use over=checkpoints (every saved checkpoint) or "
                                              f"leave it out (one checkpoint)")
-    bad = [a for a in cfg.dynamics.analyses if a not in ("attention", "circuits", "ablation")]
+    bad = [a for a in cfg.dynamics.analyses if a not in ("attention", "circuits", "ablation", "discovery")]
     _need(not bad, f"dynamics.analyses: {bad[0] if bad else ''!r} is not a dynamics analysis; choose from attention, "
-                   f"circuits, ablation (the eval loss is always measured)")
+                   f"circuits, ablation, discovery (the eval loss is always measured)")
     _need(cfg.step is None or cfg.step >= 0, f"step={cfg.step} must be a checkpoint step >= 0, or null for the last")
     _need(cfg.chunk_size > 0, f"chunk_size={cfg.chunk_size} must be positive, e.g. chunk_size=250")
     a = cfg.ablation

@@ -61,3 +61,32 @@ def _how(dc) -> str:
     if dc.top_n is not None:
         return f"{dc.method}, the top {dc.top_n}"
     return f"{dc.method}, the fewest best edges recovering {dc.target:g}"
+
+
+def discovery_dynamics_blocks(ctx, steps) -> list:
+    """Over checkpoints: the final circuit's edges (EAP) and faithfulness against the step."""
+    from toylens.analyze.discovery import DiscoveryError, discover
+    from toylens.analyze.discovery.over_steps import FORMED_AT, discovery_over_checkpoints
+    from toylens.report.interventions import pairs_for
+
+    pairs = pairs_for(ctx)
+    if isinstance(pairs, str):
+        return [Note(f"Circuit formation left out: {pairs}.", "info")]
+    final = ctx.cache.get("discovery")
+    dc = ctx.cfg.discovery
+    try:
+        if final is None:  # the discovery section did not run: the last checkpoint's circuit, same settings
+            final = discover(ctx.model, pairs, method=dc.method, metric=dc.metric, threshold=dc.threshold,
+                             top_n=dc.top_n, target=dc.target, ig_steps=dc.ig_steps)
+        res = discovery_over_checkpoints(ctx.run, pairs, final, steps, device=ctx.device, progress=ctx.cfg.progress)
+    except DiscoveryError as e:
+        return [Note(f"Circuit formation left out: {e}.", "info")]
+    ctx.data.setdefault("dynamics", {})["discovery"] = jsonable(res.to_dict())
+    rows = [[edge, "—" if step is None else step] for edge, step in res.formed_at.items()]
+    blocks: list = [Table(["edge of the final circuit", f"forms at step ({FORMED_AT:.0%} of its final |score|)"],
+                          rows, sortable=True,
+                          caption=f"The {len(res.edges)} edges of the final circuit ({final.method}) over "
+                                  f"{len(res.steps)} checkpoints")]
+    for name, fig in res.figures().items():
+        blocks.append(Figure(name, fig))
+    return blocks

@@ -21,7 +21,8 @@ def dynamics(ctx) -> Section:
         print(f"toylens-analyze: dynamics over {len(steps or ctx.run.steps)} checkpoints ...", file=sys.stderr,
               flush=True)
     res = checkpoint_dynamics(ctx.run, ctx.batch, reference=ctx.reference if "ablation" in d.analyses else None,
-                              steps=steps, analyses=list(d.analyses), per_head=cfg.ablation.per_head,
+                              steps=steps, analyses=[a for a in d.analyses if a != "discovery"],
+                              per_head=cfg.ablation.per_head,
                               chunk_size=cfg.chunk_size, ablation_chunk_rows=cfg.ablation.chunk_rows,
                               device=ctx.device, progress=cfg.progress)
     data = jsonable(res.to_dict())
@@ -58,6 +59,10 @@ def dynamics(ctx) -> Section:
     from toylens.report.canon import canon_dynamics_blocks  # induction / grokking runs: their finding first
 
     canon = canon_dynamics_blocks(ctx)
+    if "discovery" in d.analyses:  # when each edge of the final circuit forms
+        from toylens.report.discovery import discovery_dynamics_blocks
+
+        canon = canon + discovery_dynamics_blocks(ctx, steps)
     if canon:
         section.blocks += [*canon, "Every head and hook over training"]
     figs = res.figures()
