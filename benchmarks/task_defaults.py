@@ -7,7 +7,8 @@ at a time, one torch thread (the config's default ``threads``).
     python benchmarks/task_defaults.py --extra seed=1       # extra overrides for every run
 
 Prints one line per experiment, a JSON summary, and PASS when every task's held-out accuracy is
->= 0.99 (grokking: also that train accuracy reached 1.0 before test accuracy reached 0.5).
+>= 0.99 (grokking: also that train accuracy reached 1.0 before test accuracy reached 0.5;
+induction_heads: >= 0.9 after its fixed 360 steps).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from toylens.runs.checkpoint import read_metrics
 TASKS = ["prev_token", "induction", "copy", "reverse", "sort", "modular_add", "brackets", "icl"]
 EXTRA = ["grokking", "induction_heads"]
 TARGET = 0.99
+# induction_heads is judged on having formed the circuit (the loss leaves its ln(50) plateau), not on
+# the tasks' 0.99: it runs a fixed 360 steps with dense checkpoints for the phase change.
+TARGETS = {"induction_heads": 0.9}
 
 
 def first_step(evals: list[dict], key: str, at_least: float) -> int | None:
@@ -56,7 +60,7 @@ def run(experiment: str, extra: list[str]) -> dict:
 def passed(r: dict) -> bool:
     if "error" in r:
         return False
-    ok = r["eval_accuracy"] >= TARGET
+    ok = r["eval_accuracy"] >= TARGETS.get(r["experiment"], TARGET)
     if "train_accuracy_1_at" in r and r["experiment"].startswith("grokking"):
         a, b = r["train_accuracy_1_at"], r["test_accuracy_0.5_at"]
         ok = ok and a is not None and b is not None and a < b  # delayed generalisation
@@ -81,7 +85,7 @@ def main() -> None:
               f"loss {r['eval_loss']:.4g}{grok}", flush=True)
     print(json.dumps(results))
     bad = [r["experiment"] for r in results if not passed(r)]
-    print("PASS: every setting reached held-out accuracy >= 0.99" if not bad else f"FAIL: {', '.join(bad)}")
+    print("PASS: every setting reached its held-out accuracy target" if not bad else f"FAIL: {', '.join(bad)}")
     sys.exit(1 if bad else 0)
 
 
