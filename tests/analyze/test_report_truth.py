@@ -254,3 +254,30 @@ def test_cli_strict_exit_code(induction_run, tmp_path):
     strict = subprocess.run(args + ["strict=true"], capture_output=True, text=True, timeout=300)
     assert strict.returncode == 1 and "strict=true" in strict.stderr and "Traceback" not in strict.stderr
     assert len([ln for ln in strict.stderr.splitlines() if "error" in ln]) == 1, strict.stderr
+
+
+def test_task_headline_rows_per_task():
+    from toylens.report.glance import task_headline
+
+    scores = {"L0H0": {"previous_token": 0.9, "induction": 0.1}, "L0H1": {"previous_token": 0.2, "induction": 0.7},
+              "L1H0": {"previous_token": 0.1, "induction": 0.6}, "L1H1": {"previous_token": 0.0, "induction": 0.2}}
+
+    def data(task, **kw):
+        return {"run": {"task": {"name": task}}, "model_card": {"n_layers": 2},
+                "attention": {"scores_by_head": scores, "positional_shortcuts": {}}, **kw}
+
+    assert task_headline(data("prev_token")) == [["previous-token head", "L0H0 (previous_token score 0.900)"]]
+    # induction: the best head of a later layer (L0H1 cannot compose), and its earlier-layer partner
+    assert task_headline(data("induction")) == [["induction head", "L1H0 (induction score 0.600)"],
+                                                ["its partner (previous-token head in an earlier layer)",
+                                                 "L0H0 (previous_token score 0.900)"]]
+    circuit = {"circuit": {"found": True, "induction_head": "L1H0", "line": "L1H0 reads L0H0"}}
+    assert task_headline(data("induction", induction=circuit)) == [["induction head and partner", "L1H0 reads L0H0"]]
+    assert task_headline(data("modular_add")) == []  # no Fourier section: nothing task-specific
+    assert task_headline(data("modular_add", fourier={"key_freqs": [14, 35], "key_share": 0.9})) == [
+        ["key frequencies", "14, 35 (90.0% of the embedding's squared norm)"]]
+    for task in ("sort", "copy", "brackets", "icl", "reverse"):
+        assert task_headline(data(task)) == [], task
+    shortcut = data("induction")
+    shortcut["attention"]["positional_shortcuts"] = {"L1H0": {"offset": 15, "share": 0.8, "share_shuffled": 0.79}}
+    assert "positional shortcut: 0.80 of its attention goes 15 tokens back" in task_headline(shortcut)[0][1]

@@ -42,6 +42,9 @@ def task_headline(data: dict) -> list[list]:
     if task == "prev_token" and scores:
         head, score = _best(scores, "previous_token")
         rows.append(["previous-token head", f"{head} (previous_token score {score:.3f}){_shortcut(attn, head)}"])
+    elif task in REPEAT_TASKS and (data.get("induction") or {}).get("circuit", {}).get("found"):
+        c = data["induction"]["circuit"]  # the induction section's own finding (repeated random segments)
+        rows.append(["induction head and partner", f"{c['line']}{_shortcut(attn, c['induction_head'])}"])
     elif task in REPEAT_TASKS and scores:
         n_layers = data.get("model_card", {}).get("n_layers", 1)
         later = set(range(1, n_layers)) if n_layers > 1 else None
@@ -55,9 +58,11 @@ def task_headline(data: dict) -> list[list]:
                 rows.append(["its partner (previous-token head in an earlier layer)",
                              f"{partner[0]} (previous_token score {partner[1]:.3f})"])
     elif task == "modular_add":
-        freqs = (data.get("fourier") or {}).get("key_frequencies")
+        f = data.get("fourier") or {}
+        freqs = f.get("key_freqs") or f.get("key_frequencies")
         if freqs:
-            rows.append(["key frequencies", ", ".join(str(f) for f in freqs)])
+            share = f" ({f['key_share']:.1%} of the embedding's squared norm)" if "key_share" in f else ""
+            rows.append(["key frequencies", ", ".join(str(k) for k in freqs) + share])
     return rows
 
 
