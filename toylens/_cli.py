@@ -15,7 +15,8 @@ from typing import Any
 
 _HELP_FLAGS = {"--help", "-h"}
 _SKIP_FLAGS = {"--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--resolve", "--package",
-               "-p", "--version", "--multirun", "-m", "--run", "-r"}
+               "-p", "--version", "--run", "-r"}
+_MULTIRUN_FLAGS = {"--multirun", "-m"}
 
 
 class UsageError(ValueError):
@@ -27,12 +28,26 @@ def fail(prog: str, msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def is_multirun(argv: list[str]) -> bool:
+    return any(a in _MULTIRUN_FLAGS for a in argv)
+
+
 def overrides_of(argv: list[str]) -> list[str] | None:
-    """The ``key=value`` overrides of a plain single run; None when Hydra should handle the line itself
-    (multirun, --cfg, --hydra-help, ...)."""
+    """The ``key=value`` overrides to check; for a multirun, the first job's (each sweep's first value).
+    None when Hydra should handle the line itself (--cfg, --hydra-help, ...)."""
     if any(a.split("=", 1)[0] in _SKIP_FLAGS for a in argv):
         return None
-    return [a for a in argv if not a.startswith("-")]
+    overrides = [a for a in argv if not a.startswith("-")]
+    if not is_multirun(argv):
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return overrides  # compose() names the override it cannot parse
+    return [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+            else o.input_line for o in parsed]
 
 
 def _options(config_dir: Path, group: str) -> list[str]:

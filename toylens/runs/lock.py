@@ -48,24 +48,6 @@ class RunLock:
             self._fd = None
 
 
-def is_locked(run_dir: Path) -> int | None:
-    """The pid holding ``run_dir``'s lock, or None when no live process holds it."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def hold(run_dir: Path):
     lock = RunLock(run_dir).acquire()

@@ -69,6 +69,9 @@ def _precheck(argv: list[str]) -> list[str]:
     _cli.check_no_unknown_keys(dcfg, cfg, overrides)
     if not isinstance(cfg, TrainConfig):
         raise ConfigError("the composed config is not a training config")
+    if _cli.is_multirun(argv):  # each job's own directory and resume are the sweep's business
+        validate(cfg)
+        return argv
     if cfg.resume:
         from toylens.train.resume import reconcile
 
