@@ -250,3 +250,14 @@ def test_second_process_is_refused_then_ctrl_c_is_one_line_and_resume_continues(
     p = run_cli([f"resume={run}", f"train.steps={last + 10}"], cwd=tmp_path)
     assert p.returncode == 0 and ck.list_checkpoints(run)[-1] == last + 10, p.stderr
     assert "stopped at step" not in p.stderr and f"toylens: step {last + 10}, eval/loss" in p.stderr
+
+
+@pytest.mark.parametrize("args,field", [(["-m", "task=nonexistent_task,icl"], "task=nonexistent_task"),
+                                        (["-m", "seed=0,1", "+model.d_modle=3"], "model.d_modle"),
+                                        (["-m", "optim.lr=inf,0.1"], "optim.lr")])
+def test_multirun_command_line_is_checked_before_any_job(tmp_path, monkeypatch, capsys, args, field):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main_in_process(monkeypatch, capsys, args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and field in lines[0] and "_schema" not in err, err
+    assert _everything(tmp_path) == []
