@@ -27,7 +27,7 @@ from toylens.report.page import Note, Report, Section, Table
 from toylens.result import jsonable
 from toylens.runs.config import resolve_device
 
-APPLIES = ("attention", "dla", "logit_lens", "ablation", "patching", "tracing")
+APPLIES = ("attention", "dla", "logit_lens", "ablation", "patching", "tracing", "discovery")
 NOT_HERE = {  # analyses of a run report that a pretrained report leaves out, and why
     "fold": "from_pretrained already folds LayerNorm (model.processing=true); the Hugging Face check is the "
             "equivalence test here",
@@ -174,7 +174,9 @@ def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Re
 
     ctx.data["left_out"] = [{"analysis": a, "reason": NOT_HERE[a]} for a in ANALYSES
                             if a in cfg.analyses and a not in APPLIES and a in NOT_HERE]
-    builders = [(a, getattr(ri if a in INTERVENTIONS else rs, a))
+    from toylens.report import discovery as rd
+
+    builders = [(a, getattr(ri if a in INTERVENTIONS else rd if a == "discovery" else rs, a))
                 for a in ANALYSES if a in cfg.analyses and a in APPLIES]
     sections += run_builders(ctx, builders)
     ctx.data["highlights"] = pretrained_highlights(ctx.data)

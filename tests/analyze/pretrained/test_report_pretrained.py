@@ -82,10 +82,10 @@ def test_pretrained_report_runs_every_analysis_that_applies(tiny_gpt2, tiny_gpt2
     data = json.loads((index.parent / "report.json").read_text())
     page = index.read_text()
     assert [s["id"] for s in data["sections"]] == ["model", "equivalence", "test_prompt", "attention", "dla",
-                                                    "logit_lens", "ablation", "patching", "tracing"]
+                                                    "logit_lens", "ablation", "patching", "tracing", "discovery"]
     assert data["errors"] == []
     assert {lo["analysis"] for lo in data["left_out"]} == set(ANALYSES) - {
-        "attention", "dla", "logit_lens", "ablation", "patching", "tracing"}
+        "attention", "dla", "logit_lens", "ablation", "patching", "tracing", "discovery"}
     n_params = sum(p.numel() for p in model.parameters())
     assert data["header"].startswith(f"gpt2 · {n_params / 1e6:.3g}M parameters, 2 layers × 4 heads")
     assert repr(CLEAN[0]) in data["header"] and "checkpoint step ?" not in page
@@ -104,6 +104,8 @@ def test_pretrained_report_runs_every_analysis_that_applies(tiny_gpt2, tiny_gpt2
     top = sorted(range(8), key=lambda i: -abs(float(z[i])))[:3]
     assert [t["head"] for t in h["top_heads_patching"]] == [f"L{i // 4}H{i % 4}" for i in top]
     assert "top heads by patching" in page and "logit difference (answer − wrong)" in page
+    assert data["discovery"]["faithfulness"]["recovered"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert data["discovery"]["settings"]["n_prompts"] == 2
     tp = data["test_prompt"]
     assert "Top predictions for answer token" in page and "Tokenized prompt" not in page
     assert f'data-value="{tp["ranks"][0]}"' in page
