@@ -1,15 +1,5 @@
-"""Take trained models apart: load a run, fold, circuits, attention, attribution, neurons, ablation,
-patching, causal tracing, task vectors; prompts and pretrained models.
-
-    import toylens
-    run = toylens.load_run(path)
-    model = run.model(folded=True)
-    toylens.analyze.attention_patterns(model, run.batch(1000))
-    toylens.analyze.ablate_every_hook(run.model(), run.batch(1000), reference=run.batch(1000, seed=1))
-
-Names are imported on first use (TransformerLens takes seconds to import), so ``import
-toylens.analyze`` and the ``toylens-analyze`` CLI's input checks stay fast.
-"""
+"""Take trained models apart: one module per analysis, their public names imported on first use (TransformerLens
+takes seconds to import), e.g. ``toylens.analyze.ablate_every_hook(run.model(), run.batch(1000))``."""
 
 from __future__ import annotations
 

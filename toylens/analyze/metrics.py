@@ -1,19 +1,6 @@
-"""Patching metrics: functions of the logits at each prompt's answer position, one value per prompt.
-
-Every metric takes ``logits_at_answer [batch, d_vocab]`` (the logits at ``pairs.answer_pos``, the
-only position a patching engine unembeds) and the ``PromptPairs`` and returns ``[batch]``; a sweep's
-value is the mean over prompts. ``at_answer`` turns full ``[batch, pos, d_vocab]`` logits into that
-input, and ``tl_metric`` wraps a metric into the scalar ``patching_metric`` that
-``transformer_lens.patching`` expects.
-
-- ``logit_diff``: seed 003's ``logits_to_ave_logit_diff(..., per_prompt=True)``: correct minus
-  incorrect logit for each answer slot, every slot scored at ``answer_pos``, averaged over the slots
-  where neither answer is padding.
-- ``answer_loss``: cross-entropy of the correct answer tokens at ``answer_pos`` (mean over its
-  non-padded slots).
-- ``answer_accuracy``: 1.0 where the argmax is the first correct token, else 0.0.
-- ``normalized``: 0 = corrupted, 1 = clean (seed 003's ``normalize_patched_logit_diff``).
-"""
+"""Patching metrics: functions of the logits at each prompt's answer position, one value per prompt
+(``logit_diff``, ``loss``, ``accuracy``), and their normalisation (0 = corrupted, 1 = clean).
+Definitions: docs/analyses.md, "Patching metrics"."""
 
 from __future__ import annotations
 

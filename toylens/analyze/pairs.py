@@ -1,13 +1,5 @@
-"""Clean/corrupted prompt pairs: the one input shape shared by patching, tracing and metrics.
-
-A ``PromptPairs`` holds token ids only (no tokenizer needed), the single position per prompt whose
-logits the metric reads, and the answers as ``[batch, 2, k]`` token ids: ``answers[:, 0]`` the
-correct answer, ``answers[:, 1]`` the incorrect one, ``k`` tokens each for multi-token answers,
-padded with ``-1``. Multi-token logit difference follows seed 003: every answer token is scored at
-``answer_pos`` and the per-token differences are averaged over the non-padded slots of each prompt.
-
-Constructors (from a task's ``corrupt()``, from prompt strings) live in ``toylens.analyze.prompts``.
-"""
+"""Clean/corrupted prompt pairs (``PromptPairs``): token ids, one answer position per prompt and the answers as
+``[batch, 2, k]`` token ids, the one input shape of patching, tracing, metrics and discovery."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""Every toylens model is built here, and only here.
-
-Keeping construction in one module means a later move to TransformerLens 4 (which has no
-HookedTransformer and no "no positional embedding" option) touches this file alone.
-
-Positional "none" is a toylens setting, not a TransformerLens one: the model is a standard
-HookedTransformer whose ``W_pos`` is zero and frozen (``requires_grad=False``, so the optimizer
-never sees it and weight decay cannot move it). The marker travels with the model as the
-attribute ``toylens_positional_embedding_type`` and with a run as ``model_config.json["toylens"]``.
-"""
+"""Every toylens model is built here, and only here; positional "none" is toylens's own setting (``W_pos`` zero
+and frozen, recorded on the model and in ``model_config.json``). Details: docs/analyses.md."""
 
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""Fold LayerNorm into the weights, and prove on real tokens that nothing changed.
-
-Folding (``toylens.model.build.fold_layer_norm``, i.e. TransformerLens's
-``load_and_process_state_dict(fold_ln=True, center_writing_weights=True, center_unembed=True)``)
-moves each LayerNorm's ``w``/``b`` into the weights that read from it, so ``W_E W_Q W_K^T W_E^T``
-and friends are the circuits the model really computes. It is supposed to be exact up to float
-error; ``fold`` never trusts that: it always compares log-probs of the original and folded model on
-the tokens given and raises ``FoldCheckError`` when they differ by more than ``tol``.
-
-The check runs both models in float64. In float32 a trained model's log-probs (down to about -60)
-carry forward-pass round-off of ~1e-4 on their own, which would hide or fake a folding error; in
-float64 what remains is the folding itself (the folded float32 weights' rounding, ~1e-5). The
-float32 difference, what a user sees when running the folded model as is, is reported beside it.
-"""
+"""Fold LayerNorm into the weights (TransformerLens's own processing) and prove on real tokens, in float64,
+that the folded model computes the same log-probs. Why float64: docs/analyses.md, "Folding LayerNorm"."""
 
 from __future__ import annotations
 
