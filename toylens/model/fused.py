@@ -127,17 +127,23 @@ class Engine:
         return out.unflatten(-1, (len(part), self.n_heads, self.d_head)) if len(part) > 1 else \
             out.unflatten(-1, (self.n_heads, self.d_head))
 
-    def project_heads(self, layer: int, h: Tensor, part: str) -> Tensor:
+    def project_heads(self, layer: int, h: Tensor, part: str, head: int | None = None) -> Tensor:
         """Each head's own ``q``, ``k`` or ``v`` from its own normalised input ``h`` ``[..., head_index, d_model]``
-        (split inputs, as TransformerLens's ``use_split_qkv_input``): ``[..., head_index, d_head]``."""
+        (split inputs, as TransformerLens's ``use_split_qkv_input``): ``[..., head_index, d_head]``; with ``head``,
+        that head's alone from ``h`` ``[..., d_model]``: ``[..., d_head]``."""
         w, b = self.layers[layer].rows(part)
-        w = w.reshape(self.n_heads, self.d_head, self.d_model)
-        return torch.einsum("...hm,hem->...he", h, w) + b.view(self.n_heads, self.d_head)
+        w, b = w.reshape(self.n_heads, self.d_head, self.d_model), b.view(self.n_heads, self.d_head)
+        if head is not None:
+            return F.linear(h, w[head], b[head])
+        return torch.einsum("...hm,hem->...he", h, w) + b
 
-    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
+    def head_outputs(self, layer: int, z: Tensor, head: int | None = None) -> Tensor:
         """Each head's write to the residual stream, ``z @ W_O`` without ``b_O``: ``[head_index, ..., d_model]``
-        from ``z`` ``[..., head_index, d_head]`` (TransformerLens's ``hook_result``)."""
+        from ``z`` ``[..., head_index, d_head]`` (TransformerLens's ``hook_result``); with ``head``, that head's
+        from its ``z`` ``[..., d_head]``: ``[..., d_model]``."""
         w = self.layers[layer].w_o.reshape(self.d_model, self.n_heads, self.d_head)
+        if head is not None:
+            return F.linear(z, w[:, head])
         return torch.einsum("...he,mhe->h...m", z, w)
 
     def rotate(self, layer: int, x: Tensor, positions: Tensor | None = None) -> Tensor:
