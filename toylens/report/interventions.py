@@ -127,7 +127,7 @@ def patching(ctx) -> Section:
         section.blocks.append(Table(["sweep", "correlation: attribution vs exact patching", "cells", "caution"],
                                     rows, caption=f"Pearson correlation over all cells of each sweep (a correlation "
                                                   f"over fewer than {MIN_CELLS} cells is not a finding)"))
-    ctx.data["patching"] = data
+    ctx.data["patching"] = jsonable(data)  # a constant sweep has a NaN correlation: null in report.json
     return section
 
 
