@@ -137,3 +137,35 @@ def test_correlation_and_errors():
     with pytest.raises(PatchingError, match="kinds: 'resid'"):
         attribution_patch(model, pairs, ["resid"])
     assert "resid_mid" not in attribution_patch(model, pairs).results
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "inverse-layer-scale", "rotary", "grouped-query", "logit-softcap"])
+@pytest.mark.parametrize("kind, index", [("resid_pre", (1, 4)), ("z_by_pos", (1, 5, 1))])
+def test_first_order_term_over_the_engine_matrix(name, kind, index):
+    """The estimate is the derivative along corrupted -> clean (finite differences on run_with_hooks), and its
+    baselines are the exact sweep's, on models of the engine's matrix (a bidirectional one reads every position)."""
+    from toylens.model.zoo import random_model
+
+    model = random_model(name, n_layers=2, n_ctx=8, d_vocab=VOCAB).to(torch.float64, print_details=False)
+    pairs = pairs_(seed=3)
+    est = attribution_patch(model, pairs, [kind], normalize=False)[kind]
+    exact = patch(model, pairs, kind, normalize=False, progress=False)
+    assert est.clean_value == pytest.approx(exact.clean_value, abs=1e-9)
+    assert est.corrupted_value == pytest.approx(exact.corrupted_value, abs=1e-9)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(pairs.clean)
+    hook = hook_name(KINDS[kind].act, index[0])
+    at = (slice(None), *index[1:])
+    metric = tl_metric("logit_diff", pairs)
+
+    def run(eps):
+        def fn(act, hook):
+            act = act.clone()
+            act[at] = act[at] + eps * (cache[hook.name][at] - act[at])
+            return act
+        with torch.no_grad():
+            return metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=[(hook, fn)])).item()
+
+    eps = 1e-4
+    assert est.values[index].item() - est.corrupted_value == pytest.approx((run(eps) - run(-eps)) / (2 * eps),
+                                                                           abs=1e-6)
