@@ -76,9 +76,10 @@ def test_report_folder_is_complete_and_offline(written):
                  "circuits/qk_token/L1H0", "circuits/ov_logit/L0H1", "circuits/copying_score", "dla/components",
                  "dla/per_pos", "logit_lens/loss", "neurons/layer0_frequency", "neurons/dead", "ablation/ranked"):
         assert name in names, name
-    assert [s["id"] for s in data["sections"]] == ["model", "training", "fold", "attention", "circuits", "dla",
-                                                    "logit_lens", "neurons", "ablation", "patching", "tracing"]
-    assert [lo["analysis"] for lo in data["left_out"]] == ["induction", "fourier", "task_vectors"]
+    expected = ["model", "training", "fold", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation",
+                "patching", "tracing"]  # in this order; sections other work adds may sit between them
+    assert [s["id"] for s in data["sections"] if s["id"] in expected] == expected
+    assert {"induction", "fourier", "task_vectors"} <= {lo["analysis"] for lo in data["left_out"]}
     assert data["errors"] == []
     assert 'data-analysis="task_vectors"' in page and "left out: task vectors need a run of the icl task" in page
     for s in data["sections"]:
