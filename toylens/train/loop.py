@@ -263,7 +263,8 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[
                 eval_loss, eval_acc = evaluate(forward, task, eval_batch)
                 row.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
                 if train_set is not None:
-                    row.update(zip(("eval/train_loss", "eval/train_accuracy"), evaluate(forward, task, train_set)))
+                    train_metrics = evaluate(forward, task, train_set)
+                    row.update(zip(("eval/train_loss", "eval/train_accuracy"), train_metrics, strict=True))
                 stop_reason = stop_target_reached(t, eval_loss, eval_acc)
                 stopped_early = stop_reason is not None
             if row:
