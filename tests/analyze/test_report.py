@@ -232,6 +232,15 @@ def test_failed_analysis_is_shown_and_the_rest_is_written(trained, tmp_path, mon
         make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"], strict=True))
     assert index.exists()  # written before the strict check
 
+    def bad_input(ctx):
+        raise ConfigError("dynamics.steps=[7]: no checkpoint at step 7")
+
+    monkeypatch.setattr(report_sections, "neurons", bad_input)  # the user's input: one line, nothing written
+    shutil.rmtree(index.parent)
+    with pytest.raises(ConfigError, match="step 7"):
+        make_report(load_run(run_dir), small_config(run_dir, analyses=["attention", "neurons"]))
+    assert not index.parent.exists()
+
 
 def test_failed_fold_check_is_shown_not_hidden(trained, tmp_path, monkeypatch):
     import toylens.model.fold as fold_module

@@ -22,8 +22,8 @@ from pathlib import Path
 from toylens.report.config import ANALYSES, CANON, INTERVENTIONS, AnalyzeConfig, validate
 from toylens.report.glance import highlights
 from toylens.report.page import Figure, Report
-from toylens.runs.config import resolve_device
-from toylens.runs.run import Run
+from toylens.runs.config import ConfigError, resolve_device
+from toylens.runs.run import Run, RunError
 
 
 def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
@@ -64,7 +64,11 @@ def run_builders(ctx, builders: list) -> list:
     that does not apply to the model is left out (``ctx.data["left_out"]``: its name and a one-line
     reason, listed in the page's contents); one that fails becomes a section holding its error
     (``ctx.data["errors"]``), and the rest still run."""
+    from toylens.analyze.pairs import PairsError
     from toylens.report.applies import failed_section, left_out_reason
+    from toylens.runs.tokenizer import PromptError
+
+    bad_input = (ConfigError, RunError, PairsError, PromptError)  # one line, exit 2, nothing written
 
     sections = []
     ctx.data.setdefault("left_out", [])
@@ -74,7 +78,9 @@ def run_builders(ctx, builders: list) -> list:
         t0 = time.perf_counter()
         try:
             why = left_out_reason(name, ctx)
-        except Exception as e:  # e.g. prompt pairs that cannot be tokenized
+        except bad_input:
+            raise
+        except Exception as e:
             why, section = None, failed_section(ctx, name, e)
         else:
             section = None
@@ -86,6 +92,8 @@ def run_builders(ctx, builders: list) -> list:
                 _say(ctx.cfg, f"{name} ...")
             try:
                 section = build(ctx)
+            except bad_input:  # the user's input, not the analysis, is wrong: say so instead of a report
+                raise
             except Exception as e:  # one failed analysis must not lose the others (KeyboardInterrupt still stops)
                 section = failed_section(ctx, name, e)
                 _say(ctx.cfg, f"{name} failed: {ctx.data['errors'][-1]['error']}")
