@@ -167,9 +167,10 @@ class GrokkingDynamics(Result):
         def shade(fig):
             for name, color in colors.items():
                 span = self.phases.get(name)
-                if span:
+                if span:  # circuit formation labelled on its right: a short memorisation's label sits on its left
                     fig.add_vrect(x0=span[0], x1=span[1], fillcolor=color, line_width=0,
-                                  annotation_text=name.replace("_", " "), annotation_position="top left")
+                                  annotation_text=name.replace("_", " "),
+                                  annotation_position="top right" if name == "circuit_formation" else "top left")
             return fig
 
         fig = go.Figure([go.Scatter(x=x, y=v.tolist(), mode="lines", name=k,
