@@ -146,9 +146,10 @@ def test_test_prompt_bad_input(icl):
 # --- pairs from a task ----------------------------------------------------------------------------------
 def reference_contrast(task, clean, corrupted, r):
     """Plain loop over one row: (answer_pos, clean answer, corrupted answer) or None."""
-    if task.name == "induction":
-        half = task.cfg.half_len
-        p, src = 2 * half - 1, half
+    if task.name == "induction":  # the last predicted position; the token after its first occurrence
+        masked = [j for j in range(clean.tokens.shape[1]) if clean.loss_mask[r, j]]
+        p, second = masked[-1], masked[0]
+        src = 1 + max(j for j in range(second) if clean.tokens[r, j] == clean.tokens[r, p])
         assert clean.targets[r, p] == clean.tokens[r, src]  # the induction answer is the clean target
         return p, int(clean.tokens[r, src]), int(corrupted.tokens[r, src])
     for j in reversed(range(clean.tokens.shape[1])):

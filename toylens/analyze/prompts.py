@@ -165,15 +165,18 @@ def _last_differing_target(clean: Batch, corrupted: Batch) -> tuple[Tensor, Tens
 
 def _induction_contrast(task: Induction, clean: Batch, corrupted: Batch) -> tuple[Tensor, Tensor, Tensor]:
     """Induction's corrupt() keeps the repeat and its targets; what changes is the token that induction
-    would copy: at the last predicted position ``p = 2L-1`` it is ``tokens[p - L + 1]`` (the token
-    after the previous occurrence), the clean target in the clean run and a different token in the
-    corrupted one (Induction.corrupt)."""
-    half = task.cfg.half_len
-    p = 2 * half - 1
-    src = p - half + 1
-    pos = torch.full((len(clean),), p, dtype=torch.long, device=clean.tokens.device)
-    answers = torch.stack([clean.tokens[:, src], corrupted.tokens[:, src]], dim=1)
-    return pos, answers, answers[:, 0] != answers[:, 1]
+    would copy: at each row's last predicted position ``p`` it is the token after the previous occurrence
+    of ``tokens[p]`` before the repeat (``p - L + 1`` in the fixed layout), the clean target in the clean
+    run and a different token in the corrupted one (Induction.corrupt)."""
+    mask, tokens = clean.loss_mask, clean.tokens
+    cols = torch.arange(tokens.shape[1], device=tokens.device)
+    p = torch.where(mask, cols, -1).amax(1)  # the last predicted position
+    second = mask.long().argmax(1)  # where the repeat starts
+    rows = torch.arange(len(clean), device=tokens.device)
+    earlier = (tokens == tokens[rows, p][:, None]) & (cols < second[:, None])
+    src = torch.where(earlier, cols, -1).amax(1) + 1  # after the last earlier occurrence
+    answers = torch.stack([tokens[rows, src], corrupted.tokens[rows, src]], dim=1)
+    return p, answers, (answers[:, 0] != answers[:, 1]) & (src > 0)
 
 
 # Tasks whose corrupt() does not change the targets say here what the contrast is; every other task
