@@ -1,11 +1,5 @@
-"""The two canon findings against the training step: the induction-head phase change (Olsson et al. 2022)
-and the three phases of grokking (Nanda et al. 2023), on every saved checkpoint of one run.
-
-    dyn = induction_dynamics(run)     # induction score, ICL score, repeated-half loss per checkpoint
-    dyn.phase_change                  # the interval of steepest rise of the best induction score
-    dyn = grokking_dynamics(run)      # train/test/restricted/excluded loss, sum of squared weights,
-    dyn.phases                        # embedding Fourier sparsity; memorisation, circuit formation, clean-up
-"""
+"""The two canon findings against the training step: the induction-head phase change (Olsson et al. 2022) and the
+three phases of grokking (Nanda et al. 2023). How they are located: docs/analyses.md, "Canon dynamics"."""
 
 from __future__ import annotations
 

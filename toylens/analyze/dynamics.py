@@ -1,22 +1,5 @@
-"""Training dynamics: chosen analyses on every saved checkpoint of one run, against the step.
-
-    run = toylens.load_run(path)
-    dyn = checkpoint_dynamics(run, run.batch(1000), reference=run.batch(1000, seed=1))
-    dyn.head_scores["previous_token"][:, 1, 0]    # L1H0's previous-token score at each checkpoint
-    dyn.loss, dyn.ablation_delta_loss             # eval loss per step, Δloss [step, hook]
-
-Per checkpoint (``run.steps``, or the ``steps`` asked for), with ONE evaluation batch and ONE
-reference batch reused for all of them:
-
-- ``loss``/``accuracy``: masked cross-entropy of the batch's targets and the task's accuracy;
-- ``attention``: head-type scores (``attention.attention_patterns``);
-- ``circuits``: OV copying scores (``qkov.copying_scores`` of the folded model, as ``circuits`` does);
-- ``ablation``: every-hook mean-ablation Δloss (``ablation.ablate_every_hook``, batched and exact).
-
-Each number is what the single-checkpoint analysis gives on that checkpoint (the tests check it).
-Only saved checkpoints can be analysed: ``train.keep_last`` (default 3) bounds how many a run keeps,
-so train with e.g. ``train.checkpoint_every=25 train.keep_last=1000`` to watch a circuit form.
-"""
+"""Training dynamics: chosen analyses (attention, circuits, ablation) on every saved checkpoint of one run, against
+the step. Details: docs/analyses.md, "Training dynamics"."""
 
 from __future__ import annotations
 

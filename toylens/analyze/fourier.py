@@ -1,17 +1,5 @@
-"""Modular addition in the Fourier basis (Nanda et al. 2023, "Progress measures for grokking"): the
-embedding's norm per frequency and the key frequencies, MLP neurons clustered by frequency, the logits
-in the 2-D Fourier basis, and the restricted and excluded losses on the task's train and test pairs.
-
-Basis over ``x in 0..p-1`` (orthonormal rows): constant ``1/sqrt(p)``, then ``cos(2πkx/p)``,
-``sin(2πkx/p)`` (times ``sqrt(2/p)``) for ``k = 1..p//2`` (for even p, ``k = p/2`` has its cosine only).
-- key frequencies: those whose share of the embedding's squared norm (constant left out) is at least
-  ``KEY_FACTOR`` times the mean share of a frequency (``1 / (p//2)``).
-- a neuron's variance explained by frequency k: the squared 2-D Fourier coefficients of its activation
-  over all (a, b) whose row and column frequencies are in {0, k} (not both 0), over its total variance.
-- restricted logits: the mean over (a, b) plus, for each key k, the projection of the logits (as a
-  function of (a, b), per output) onto cos(w_k(a+b)) and sin(w_k(a+b)); excluded logits: the logits
-  minus those projections. Their cross-entropy on the train and test pairs are the two losses.
-"""
+"""Modular addition in the Fourier basis (Nanda et al. 2023): key frequencies of the embedding, neurons clustered by
+frequency, the logits in the 2-D Fourier basis, restricted and excluded losses. Definitions: docs/analyses.md."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""Induction heads (Elhage et al. 2021; Olsson et al. 2022): head scores on repeated random segments,
-OV copying, K-composition from earlier heads, the in-context-learning score and per-position loss.
-
-The analysis sequences are ``[BOS, x_1..x_L, x_1..x_L]`` (no BOS when the task has none), ``x`` uniform
-over the task's symbols, so nothing but the repeat makes the second half predictable. Scores (in [0, 1]):
-
-- ``previous_token``: attention from ``query_pos`` to ``query_pos - 1`` (``attention.score_masks``).
-- ``induction``: attention from each token of the repeat to the token right after its first
-  occurrence, ``key_pos = query_pos - L + 1`` (the "-(L-1) diagonal" of the pattern).
-- ``prefix_matching``: attention to every key right after an earlier occurrence of the query's token,
-  chance repeats inside the first half included (``attention.score_masks``'s "induction" mask).
-- ``copying``: positive eigenvalue mass of the full OV circuit ``W_E W_OV W_U``,
-  sum(max(Re λ, 0)) / sum(|λ|) (Elhage et al.'s copying test); ``copying_signed`` is sum(λ)/sum(|λ|)
-  (``qkov.copying_scores``).
-- ``composition[mode]``: Q/K/V-composition ``||W_QK^T W_OV|| / (||W_QK|| ||W_OV||)`` (Frobenius), from
-  every head to every head of a later layer (``model.all_composition_scores``).
-- ``icl_score``: loss at token ``round(N·500/512)`` minus loss at token ``round(N·50/512)`` of the N
-  predicted tokens (Olsson et al.'s 500th minus 50th token of 512, scaled to this length); negative
-  when the model learns in context.
-"""
+"""Induction heads (Elhage et al. 2021; Olsson et al. 2022): head scores on repeated random segments, OV copying,
+K-composition from earlier heads, the in-context-learning score and per-position loss. Definitions:
+docs/analyses.md, "Induction heads"."""
 
 from __future__ import annotations
 

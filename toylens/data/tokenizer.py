@@ -1,22 +1,5 @@
-"""A word-level tokenizer for a task's vocabulary, so toy models accept strings like pretrained ones.
-
-    tok = task_tokenizer(task)                 # one word per token: the task's token_names
-    tok("a b c -> c")["input_ids"]             # [3, 4, 5, 1, 5] for icl
-    tok.decode([0, 3, 4])                      # "BOS a b"
-
-Words are separated by whitespace and must be token names; an unknown word is a one-line
-``TokenizerError`` naming the word and the vocabulary, never a silent UNK. The tokenizer never
-pads or truncates silently either: strings of different lengths in one batch, or longer than the
-requested ``max_length`` (TransformerLens passes ``n_ctx``), are errors, because toy models have
-no padding token and patching needs aligned positions.
-
-Special tokens: the task's BOS (``token_names[task.BOS]``) when the task has one, and ``<pad>``,
-an id just past the vocabulary (``d_vocab``) that exists only because HuggingFace and
-TransformerLens want pad/eos (and, without a task BOS, bos) tokens: a model can never be fed it
-(it has no embedding), and the checks above keep it out of every encoding.
-``toylens.analyze.prompts.attach_tokenizer`` puts this tokenizer on a HookedTransformer; this
-module knows nothing of models.
-"""
+"""A word-level tokenizer for a task's vocabulary (a ``PreTrainedTokenizerFast`` over its token names), so toy
+models accept strings like pretrained ones. Details: docs/internals.md, "The toy tokenizer"."""
 
 from __future__ import annotations
 

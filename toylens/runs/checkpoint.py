@@ -1,12 +1,5 @@
-"""Run-directory I/O: atomic writes, checkpoints (safetensors + weights_only state), metrics.
-
-Layout (DESIGN.md, "Run directory"):
-    .hydra/config.yaml  model_config.json  metrics.jsonl
-    ckpt/step_000500.safetensors  ckpt/step_000500.state.pt
-A checkpoint exists once its ``.safetensors`` file exists: the state file is written first (holding
-the SHA-256 of the weights file, verified on every load), the weights last, each through a temporary
-file and ``os.replace``. A checkpoint file that is a symlink or resolves outside the run is refused.
-"""
+"""Run-directory I/O: atomic writes, checkpoints (safetensors weights, ``weights_only`` state with the weights'
+checksum), metrics.jsonl. Layout and guarantees: docs/internals.md, "Run-directory I/O"."""
 
 from __future__ import annotations
 

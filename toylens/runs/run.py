@@ -1,14 +1,5 @@
-"""Load a training run directory: its config, task, metrics, checkpoints and models.
-
-    run = toylens.load_run("checkpoints/no_pos_prev_token/2025-01-01_12-00-00")
-    run.config.model.d_model, run.task.token_names, run.metrics[-1], run.steps
-    model = run.model()                # the last checkpoint, as trained
-    model = run.model(folded=True)     # LayerNorm folded, equivalence checked on real tokens
-
-Nothing here writes to the run directory and nothing unpickles code: weights are safetensors,
-state files load with ``weights_only=True``. Every problem with the directory is a ``RunError``
-(a ``CheckpointError``) whose message is one line naming the file and the fix.
-"""
+"""Load a training run directory (``load_run``): its config, task, metrics, checkpoints and models, read and never
+written; every problem is one line naming the file and the fix. Details: docs/internals.md, "Loading a run"."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
 """The Hydra callback that keeps a sweep's index (``hydra.callbacks.sweep_index`` in configs/train.yaml).
-
-``on_multirun_start`` (on the launching machine, before any launcher starts): checks that the
-launcher's plugin is installed and, when ``hydra.sweep.dir`` already holds a sweep, that it is the
-same sweep (same overrides, so job ``n`` is the same run); writes the index with every planned job
-``pending``; and for a local Ray instance makes Ray bind every port to 127.0.0.1.
-
-``on_multirun_end``: rebuilds ``sweep.json``, prints a one-line summary on stderr and the sweep
-directory on stdout, and exits with status 1 when any run did not finish (failed or interrupted),
-so scripts and CI see the failure although every sibling ran.
-"""
+Details: docs/internals.md, "The sweep callback"."""
 
 from __future__ import annotations
 

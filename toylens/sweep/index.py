@@ -1,24 +1,5 @@
-"""The sweep index: one record per run, and ``sweep.json`` rebuilt from them.
-
-Layout of a sweep directory (``hydra.sweep.dir``)::
-
-    multirun.yaml          Hydra's: the sweep's config and its command-line overrides
-    sweep.json             the index: every run, its status, overrides, final metrics, error line
-    0/ 1/ ...              one run directory per job (``hydra.sweep.subdir`` = the job number)
-      sweep_run.json       that run's record, written by the job itself (atomic replace)
-    sweep_report/          written by ``toylens-sweep-report``
-
-Each job writes only its own record (``write_record``: temp file + ``os.replace``), so workers on
-any launcher never write the same file. ``update_index`` rebuilds ``sweep.json`` from every record
-under an exclusive ``flock`` on ``.sweep.lock`` (so a slower writer never replaces a newer index
-with an older one) and writes it atomically; it is called when each job ends and when the sweep
-ends, and ``toylens-sweep-report`` calls it again, so the index is right after a crash too.
-
-Statuses: ``pending`` (planned, not started), ``running``, ``finished``, ``failed`` (with the
-exception's one-line message) and ``interrupted``: a ``running`` record whose process is gone
-(SIGKILL, power loss, a killed worker). Re-running the sweep skips ``finished`` runs and resumes
-every other one from its last checkpoint.
-"""
+"""The sweep index: one record per run (``sweep_run.json``) and ``sweep.json`` rebuilt from them, under a lock.
+Layout and record states: docs/internals.md, "Sweep index"."""
 
 from __future__ import annotations
 

@@ -1,19 +1,5 @@
-"""One job of a sweep (``toylens-train -m ...``), on whichever launcher runs it.
-
-The job owns its run directory (``<sweep>/<job number>``) and its record there (``sweep_run.json``):
-
-- a ``finished`` record: the run is skipped, nothing in its directory is touched;
-- any other record (``failed``, ``interrupted``, a stale ``running``) with a checkpoint: the run
-  resumes from its last checkpoint (``resume=<run dir>``, bit-for-bit as ``toylens-train resume=``);
-  without a checkpoint it starts again from scratch;
-- otherwise a fresh run.
-
-Errors of the run never propagate to Hydra: the job records ``failed`` with the one-line message, says so on
-stderr and returns, so its siblings run and the sweep's end-of-run callback still writes the index
-(and makes the command exit 1). With ``logger=wandb`` every run gets its own wandb run in the group
-``<name>/<sweep dir name>`` unless ``logger.group`` is set. (Only a directory that belongs to
-another sweep, or that another live process is training, raises: it is not this job's to touch.)
-"""
+"""One job of a sweep (``toylens-train -m ...``) on any launcher: it skips finished runs, resumes unfinished ones
+and records failures without stopping its siblings. Details: docs/internals.md, "Sweep jobs"."""
 
 from __future__ import annotations
 

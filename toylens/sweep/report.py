@@ -1,22 +1,5 @@
-"""``toylens-sweep-report``: every run of a sweep side by side.
-
-    from toylens.sweep.report import SweepReportConfig, make_sweep_report
-    make_sweep_report("checkpoints/no_pos_prev_token/multirun/2026-11-23_10-00-00")
-    # -> <sweep>/sweep_report/{index.html, report.json, ablation.csv, plotly.min.js}
-
-Reads the index (rebuilt from the runs' records first) and, for every finished run, its analysis
-report (``<run>/report/report.json``, computed with ``toylens.report.build.make_report`` when
-missing or lacking an analysis asked for). Then, across runs:
-
-- loss curves overlaid, and a final-metrics table with the swept hyper-parameters as columns;
-- every-hook ablation (mean mode): per hook, mean ± std over runs (sample std, ``ddof=1``), and how
-  consistent the runs are: ``spearman_mean``, the mean over pairs of runs of the Spearman rank
-  correlation of their Δloss over the hooks (1: every run ranks the hooks alike), and per hook
-  ``top_k_fraction``, the fraction of runs in which it is among that run's ``top_k`` hooks
-  (1 for every top hook: the same hooks matter in every run);
-- head-score distributions (attention head-type scores, OV copying scores) over runs;
-- the runs that failed or were interrupted, with their error line.
-"""
+"""``toylens-sweep-report``: every run of a sweep side by side (``make_sweep_report``). Details: docs/internals.md,
+"Sweep report"."""
 
 from __future__ import annotations
 

@@ -1,18 +1,5 @@
-"""In-context rule following: ``a b c -> c ; d e f -> f ; g h i -> i`` ("pick the k-th of each group").
-
-``rule: shift`` (``group_size: 1``) maps one symbol instead: ``a -> c ; d -> f ; g -> i`` (``y = x + k``
-modulo ``n_symbols``). There the query symbol alone cannot hold the answer; the rule, read off the
-demos, must be combined with it.
-
-``fillers: F`` scatters ``F`` filler tokens ``_`` between the groups of each sequence (each filler
-picks the gap before one of the groups, uniformly), so the distance from the final ``->`` back to
-any demo varies while the sequence length and the final ``->`` stay fixed: a model can no longer
-read the last demo at a fixed offset and has to gather the rule from the demos' contents.
-
-Each sequence draws one rule ``k`` from ``ks`` and uses it for all its demos and for the query, so
-the rule can only be read off the demos: the setting of task-vector analyses, which patch the
-residual stream at the final ``->`` (``arrow_position``) into zero-shot prompts (``sample_rule``).
-"""
+"""In-context rule following: ``a b c -> c ; d e f -> f ; g h i -> i`` (pick the k-th of each group), or with
+``rule: shift`` ``y = x + k``. Layout, fillers and zero-shot prompts: docs/internals.md, "The icl task"."""
 
 from __future__ import annotations
 
