@@ -75,15 +75,22 @@ def test_report_of_a_run(trained, cwd, monkeypatch, capsys):
     assert not (run_dir / "report" / ".hydra").exists()
 
 
-def test_relative_run_path_and_rerun_replaces_the_report(trained, cwd, monkeypatch, capsys):
+def test_relative_run_path_and_a_partial_rerun_keeps_the_earlier_report(trained, cwd, monkeypatch, capsys):
     shutil.copytree(trained, cwd / "run")
     code, out, err = call(monkeypatch, capsys, "run=run", *SMALL, "analyses=[attention]")
     assert code == 0, err
     first = (cwd / "run" / "report" / "report.json").read_text()
     code, out, err = call(monkeypatch, capsys, "run=run", *SMALL, "analyses=[dla]")
     assert code == 0, err
-    second = json.loads((cwd / "run" / "report" / "report.json").read_text())
-    assert "dla" in second and "attention" not in second and first != json.dumps(second)
+    # the earlier report has a section this one lacks: it stays, the new one goes beside it
+    assert (cwd / "run" / "report" / "report.json").read_text() == first
+    second = json.loads((cwd / "run" / "report-dla" / "report.json").read_text())
+    assert "dla" in second and "attention" not in second
+    assert "report-dla instead" in err and "attention" in err
+    code, out, err = call(monkeypatch, capsys, "run=run", *SMALL, "analyses=[attention,dla]")
+    assert code == 0, err  # a report with every earlier section replaces it
+    third = json.loads((cwd / "run" / "report" / "report.json").read_text())
+    assert "dla" in third and "attention" in third
     assert sorted(p.name for p in (cwd / "run").iterdir() if p.name.startswith(".report")) == []
 
 

@@ -146,7 +146,10 @@ def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None =
     if uses_wandb and wandb_id is None:
         wandb_id = run.wandb_id()  # read before anything is written: a bad state file fails here
     report = build_report(run, cfg, model=model)
-    index = write_report(report, run.path / "report")
+    out, why = report_folder(run.path, cfg, report)
+    index = write_report(report, out)
+    if why:
+        print(f"toylens-analyze: {why}", file=sys.stderr, flush=True)
     if uses_wandb:
         from toylens.report.wandb_log import log_report
 
@@ -157,6 +160,31 @@ def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None =
                   f"the report is in {index.parent}", file=sys.stderr)
     check_strict(cfg, report.data, index)
     return index
+
+
+def report_folder(run_dir: Path, cfg: AnalyzeConfig, report: Report) -> tuple[Path, str | None]:
+    """``<run>/report``, unless the report there has sections this one lacks (an earlier, fuller report):
+    then ``<run>/report-<analyses>`` beside it, and the line that says so. A partial run never destroys
+    earlier work."""
+    import json
+
+    from toylens.report.html import REPORT_MARKER
+
+    base = run_dir / "report"
+    try:
+        old = {s["id"] for s in json.loads((base / "report.json").read_text()).get("sections", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return base, None
+    if not (base / REPORT_MARKER).is_file():
+        return base, None  # not toylens's: write_report refuses it with one line
+    lost = sorted(old - {s.id for s in report.sections})
+    if not lost:
+        return base, None
+    names = [a for a in ANALYSES if a in cfg.analyses]
+    name = "all" if len(names) == len(ANALYSES) else "+".join(names) if len(names) <= 3 else \
+        f"{names[0]}+{len(names) - 1}-more"
+    out = run_dir / f"report-{name}"
+    return out, f"{base} has sections this report lacks ({', '.join(lost)}); written to {out} instead"
 
 
 class AnalysisFailed(RuntimeError):
