@@ -144,3 +144,13 @@ def test_wandb_without_login_falls_back_to_offline(tiny, tmp_path, capsys, monke
     runs = list((res.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "wandb's local run files are missing"
     assert [r["step"] for r in ck.read_metrics(res.run_dir)] == [5, 10, 15, 20]  # local metrics kept
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from toylens.runs.config import resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"  # emulated bf16 is many times slower
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"

@@ -74,7 +74,7 @@ class LoopConfig:
     stop_at_accuracy: float | None = None  # stop once eval/accuracy reaches this (e.g. 0.999)
     log_every: int = 10  # steps between metrics.jsonl rows
     fast_forward: str = "auto"  # auto | on | off: fused training forward on the same parameters
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32) | auto (bf16 where fast)
     compile: bool = False  # torch.compile: 35-46 s of compile time on CPU for <= 1.15x, so off by default
     progress: bool = True  # tqdm bar on stderr
 
@@ -264,7 +264,7 @@ def validate(cfg: TrainConfig) -> None:
           f"train.stop_at_accuracy={t.stop_at_accuracy} must be in (0, 1] or null")
     _need(cfg.threads is None or cfg.threads > 0, f"threads={cfg.threads} must be positive or null (torch's default)")
     _need(t.fast_forward in {"auto", "on", "off"}, f"train.fast_forward={t.fast_forward!r}: choose auto, on or off")
-    _need(t.precision in {"fp32", "bf16"}, f"train.precision={t.precision!r}: choose fp32 or bf16")
+    _need(t.precision in {"fp32", "bf16", "auto"}, f"train.precision={t.precision!r}: choose fp32, bf16 or auto")
 
     _need(lg.name in {"none", "wandb"}, f"logger={lg.name!r} is unknown; choose logger=none or logger=wandb")
     _need(lg.mode in {"online", "offline", "disabled"},
@@ -330,3 +330,17 @@ def check_memory(cfg: TrainConfig, d_vocab: int, seq_len: int) -> None:
     fields, noun, fix = what[worst]
     raise ConfigError(f"{fields}: {noun} would need ~{est[worst] / _GiB:.3g} GiB but {avail / _GiB:.3g} GiB "
                       f"of memory is available; choose {fix}")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 where the hardware computes it natively (a CUDA GPU with bf16, or a CPU whose oneDNN
+    has bf16 kernels: AVX512-BF16/AMX), else fp32. Emulated bf16 on a CPU without them is many times slower."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cpu":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "fp32"

@@ -19,7 +19,7 @@ from toylens.data import Batch, Task, make_task
 from toylens.model import fused
 from toylens.model.build import build_model, model_config_dict
 from toylens.runs import checkpoint as ck
-from toylens.runs.config import ConfigError, TrainConfig, resolve_device, validate
+from toylens.runs.config import ConfigError, TrainConfig, resolve_device, resolve_precision, validate
 from toylens.runs.lock import RunLock
 from toylens.runs.loggers import JsonlLogger, Loggers, WandbLogger
 from toylens.train.optim import make_optimizer
@@ -112,6 +112,7 @@ def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator
     device = gen.device.type
     trainable = [p for p in model.parameters() if p.requires_grad]
     fwd = torch.compile(forward) if t.compile else forward
+    bf16 = resolve_precision(t.precision, str(gen.device)) == "bf16"
 
     def step() -> tuple[torch.Tensor, float]:
         batch = task.train_batch(t.batch_size, gen)  # modular_add: the full training split
@@ -119,7 +120,7 @@ def make_train_step(model, forward, opt, sched, task: Task, gen: torch.Generator
         positions = loss_positions(batch.loss_mask)  # e.g. modular_add: the answer position alone
         if positions is not None:
             targets = targets[:, positions]
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             logits = fwd(batch.tokens, positions)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         loss.backward()
