@@ -95,7 +95,7 @@ CATALOGUE = [
     (["task=nonexistent_task"], "task=nonexistent_task"),
     (["optim.lr=fast"], "optim.lr"),
     (["train.stop_at_accuracy=2"], "train.stop_at_accuracy"),
-    (["threads=0"], "threads"),
+    (["threads=-1"], "threads"),
     (["optim.schedule_steps=0"], "optim.schedule_steps"),
     (["seed=[1"], "seed=[1"),
 ]

@@ -193,3 +193,16 @@ def test_threads_setting_applies_during_training_only(tiny, tmp_path, monkeypatc
         assert seen and set(seen) == {1} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_threads_auto_is_one_on_a_busy_machine_else_one_per_core(monkeypatch):
+    import os
+
+    from toylens.runs.config import resolve_threads
+
+    assert resolve_threads(3) == 3 and resolve_threads(None) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))
+    assert resolve_threads(0) == 1  # other work keeps the cores busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    assert resolve_threads(0) == 4

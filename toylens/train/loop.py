@@ -19,7 +19,14 @@ from toylens.data import Batch, Task, make_task
 from toylens.model import fused
 from toylens.model.build import build_model, model_config_dict
 from toylens.runs import checkpoint as ck
-from toylens.runs.config import ConfigError, TrainConfig, resolve_device, resolve_precision, validate
+from toylens.runs.config import (
+    ConfigError,
+    TrainConfig,
+    resolve_device,
+    resolve_precision,
+    resolve_threads,
+    validate,
+)
 from toylens.runs.lock import RunLock
 from toylens.runs.loggers import JsonlLogger, Loggers, WandbLogger
 from toylens.train.optim import make_optimizer
@@ -168,8 +175,9 @@ def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | N
     threads = torch.get_num_threads()
     lock = RunLock(run_dir).acquire()  # one process per run directory, for as long as it trains
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        n_threads = resolve_threads(cfg.threads)
+        if n_threads:
+            torch.set_num_threads(n_threads)
         return _train_locked(cfg, run_dir, device, overrides)
     finally:
         lock.release()
