@@ -37,7 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff check toylens tests benchmarks
 
 test: venv chromium lint
-	$(PY) -m pytest -n $(PYTEST_N) -q
+	$(PY) -m pytest -n $(PYTEST_N) -q --durations=15
 
 bench: venv
 	$(PY) benchmarks/train_speed.py
