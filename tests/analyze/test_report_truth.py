@@ -248,7 +248,8 @@ def test_cli_strict_exit_code(induction_run, tmp_path):
             "analyses=[attention,tracing]", "tracing.noise=[999]", "batch.size=20", "pairs.n=4"]
     ok = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    data = json.loads((induction_run / "report" / "report.json").read_text())
+    index = Path(ok.stdout.strip().splitlines()[-1])  # report/, or report-attention+tracing/ beside a fuller one
+    data = json.loads((index.parent / "report.json").read_text())
     assert [e["analysis"] for e in data["errors"]] == ["tracing"] and "999" in data["errors"][0]["error"]
     assert "scores_by_head" in data["attention"]
     strict = subprocess.run(args + ["strict=true"], capture_output=True, text=True, timeout=300)

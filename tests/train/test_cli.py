@@ -150,7 +150,7 @@ def test_help_says_what_it_does_and_lists_groups_and_keys(monkeypatch, capsys):
     assert code == 0 and out.startswith("toylens-train: train a small TransformerLens model")
     assert "_schema" not in out
     for needle in ("task=", "prev_token", "-m ", "resume=<run dir>", "hydra/launcher=", "joblib",
-                   "model.d_model=64", "train.stop_at_accuracy", "threads=1"):
+                   "model.d_model=128", "train.stop_at_accuracy", "threads=0"):
         assert needle in out, needle
     keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "=" in line.split()[0]]
     assert len(keys) == len(set(keys)) > 40  # one line per key
