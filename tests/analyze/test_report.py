@@ -20,6 +20,7 @@ from toylens.model.build import fold_layer_norm
 from toylens.model.fold import max_logprob_diff
 from toylens.report import sections as report_sections
 from toylens.report.build import build_report, make_report
+from toylens.report.circuitsvis_views import bundle_path
 from toylens.report.config import AnalyzeConfig, validate
 from toylens.report.html import write_report
 from toylens.runs.config import ConfigError
@@ -59,10 +60,11 @@ def test_report_folder_is_complete_and_offline(written):
     folder = index.parent
     assert folder == run.path / "report"
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [  # dotfiles: toylens's marks
-        "ablation.csv", "index.html", "plotly.min.js", "report.json"]
+        "ablation.csv", "circuitsvis.js", "index.html", "plotly.min.js", "report.json"]
     assert (folder / "plotly.min.js").read_text() == get_plotlyjs()
+    assert (folder / "circuitsvis.js").read_bytes() == bundle_path().read_bytes()  # CircuitsVis's views, once
     srcs = re.findall(r"<script[^>]*\bsrc=\"([^\"]*)\"", page)
-    assert srcs == ["plotly.min.js"]
+    assert srcs == ["plotly.min.js", "circuitsvis.js"]
     assert not re.search(r"(src|href)=\"(https?:)?//", page) and "cdn." not in page
     # every figure listed in report.json has its div and its data, and nothing else is a figure
     divs = re.findall(r'<div class="tl-plot" id="([^"]+)"', page)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from toylens.report.config import ANALYSES, CANON, INTERVENTIONS, AnalyzeConfig, validate
 from toylens.report.glance import highlights
-from toylens.report.page import Figure, Report
+from toylens.report.page import Figure, Report, View
 from toylens.runs.config import ConfigError, resolve_device
 from toylens.runs.run import Run, RunError
 
@@ -104,16 +104,21 @@ def run_builders(ctx, builders: list) -> list:
 
 
 def index_figures(report: Report) -> None:
-    """Give every figure a unique page id and list figures and sections in ``report.data``."""
+    """Give every figure and CircuitsVis view a unique page id and list them and the sections in ``report.data``."""
     used: set[str] = set()
-    figures = []
+    figures, views = [], []
     for section in report.sections:
         for block in section.blocks:
             if isinstance(block, Figure):
                 block.id = _unique_id("fig-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
                 figures.append({"id": block.id, "name": block.name, "section": section.id,
                                 "title": _title(block.fig)})
+            elif isinstance(block, View):  # a CircuitsVis view: its own container id
+                block.id = _unique_id("cv-" + "".join(c if c.isalnum() else "-" for c in block.name), used)
+                views.append({"id": block.id, "name": block.name, "section": section.id, "component": block.component})
     report.data["figures"] = figures
+    if views:
+        report.data["views"] = views
     report.data["sections"] = [{"id": s.id, "title": s.title} for s in report.sections]
 
 

@@ -2,9 +2,11 @@
 
 The folder holds ``index.html``, ``report.json`` (every number on the page), ``ablation.csv`` and
 ``plotly.min.js`` (copied once from the installed plotly package and loaded with a relative
-``<script src>``: the page needs no network). Figures are embedded as JSON and drawn by
-``Plotly.newPlot``; each figure's div gets ``data-rendered="1"`` once drawn (``"error"`` if not) and
-``<body>`` gets ``data-all-rendered="1"`` when every figure is done, which the browser test reads.
+``<script src>``: the page needs no network), and ``circuitsvis.js`` when the page has CircuitsVis views
+(``View``: the bundle once, each view's props as JSON in its own ``div.tl-cvis``). Figures are
+embedded as JSON and drawn by ``Plotly.newPlot``; each figure's div gets ``data-rendered="1"`` once
+drawn (``"error"`` if not) and ``<body>`` gets ``data-all-rendered="1"`` when every figure is done,
+which the browser test reads.
 
 Everything is written into a temporary sibling folder first and then moved into place, so a
 failure leaves the previous report untouched and never a half-written one. A report folder holds a
@@ -23,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from toylens.report.page import Figure, Note, Report, Table
+from toylens.report.page import Figure, Note, Report, Table, View
 from toylens.runs.config import ConfigError
 
 PLOTLY_JS = "plotly.min.js"
@@ -213,7 +215,11 @@ def _blocks(blocks: list, data_scripts: list[str]) -> str:
                         f'<div class="tl-plot" id="{b.id}" data-name="{html.escape(b.name)}"></div></figure>')
             continue
         flush()
-        if isinstance(b, Table):
+        if isinstance(b, View):
+            from toylens.report.circuitsvis_views import view_html
+
+            out.append(view_html(b, data_scripts))
+        elif isinstance(b, Table):
             out.append(_table(b))
         elif isinstance(b, Note):
             out.append(f'<div class="note {b.kind}">{html.escape(b.text)}</div>')
@@ -253,6 +259,10 @@ def render(report: Report, plotly_js: str | None = None) -> str:
         plotly_tag = f'<script src="{PLOTLY_JS}"></script>'
     else:
         plotly_tag = f"<script>{plotly_js}</script>"
+    if report.views():  # the CircuitsVis bundle, once: beside the page, or inlined with plotly.js
+        from toylens.report.circuitsvis_views import bundle_tags
+
+        plotly_tag += bundle_tags(inline=plotly_js is not None)
     task = run.get("task", {}).get("name", "?")
     sub = data.get("header") or f"{run.get('path', '')} · checkpoint step {run.get('step', '?')} · task {task}"
     total = data.get("timings_s", {}).get("total")
@@ -289,7 +299,8 @@ def dumps(obj: Any, indent: int = 1) -> str:
 
 
 def write_report(report: Report, out_dir: str | os.PathLike, field: str | None = None) -> Path:
-    """Write ``out_dir/{index.html,report.json,ablation.csv,plotly.min.js}`` atomically; returns index.html.
+    """Write ``out_dir/{index.html,report.json,ablation.csv,plotly.min.js}`` (and ``circuitsvis.js`` when the
+    page has CircuitsVis views) atomically; returns index.html.
     ``field`` (e.g. ``"out"``) names the setting in the error when ``out_dir`` is not a toylens report."""
     from plotly.offline import get_plotlyjs
 
@@ -301,6 +312,10 @@ def write_report(report: Report, out_dir: str | os.PathLike, field: str | None =
     try:
         os.chmod(tmp, 0o755)
         (tmp / PLOTLY_JS).write_text(get_plotlyjs(), encoding="utf-8")
+        if report.views():
+            from toylens.report.circuitsvis_views import BUNDLE, bundle_path
+
+            shutil.copyfile(bundle_path(), tmp / BUNDLE)
         (tmp / "report.json").write_text(body, encoding="utf-8")
         if report.ablation is not None:
             report.ablation.to_csv(tmp / "ablation.csv")

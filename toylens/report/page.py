@@ -33,13 +33,27 @@ class Section:
     id: str
     title: str
     intro: str  # one or two sentences for students: what the plots mean
-    blocks: list[Any] = field(default_factory=list)  # Figure | Table | Note | str (a paragraph)
+    blocks: list[Any] = field(default_factory=list)  # Figure | View | Table | Note | str (a paragraph)
 
 
 @dataclass
 class Note:
     text: str
     kind: str = "info"  # info | pass | fail | warn
+
+
+@dataclass
+class View:
+    """An interactive CircuitsVis view (``report.circuitsvis_views``): the React component's name and its
+    props, drawn in the browser by the bundle the report folder holds once (``circuitsvis.js``)."""
+
+    name: str  # the view's key in report.json, e.g. ``circuitsvis/attention_heads/row0``
+    component: str  # AttentionHeads | AttentionPatterns | ColoredTokens (a CircuitsVis export)
+    props: dict
+    title: str = ""
+    caption: str = ""  # one or two sentences: what the view shows and how to read it
+    collapsed: bool = False  # drawn inside a closed <details>: the reader opens it (keeps long pages short)
+    id: str = ""  # set by index_figures
 
 
 @dataclass
@@ -52,3 +66,6 @@ class Report:
 
     def figures(self) -> list[Figure]:
         return [b for s in self.sections for b in s.blocks if isinstance(b, Figure)]
+
+    def views(self) -> list[View]:
+        return [b for s in self.sections for b in s.blocks if isinstance(b, View)]

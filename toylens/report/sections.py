@@ -109,6 +109,7 @@ MIN_QUERIES = 10  # a head score over fewer queries is shown with a caution, not
 
 def attention(ctx: Context) -> Section:
     from toylens.analyze.attention import CONTENT_SCORES, SCORE_NAMES, attention_patterns, positional_shortcuts
+    from toylens.report.circuitsvis_views import attention_views
 
     res = attention_patterns(ctx.model, ctx.batch, **ctx.kw)
     d = res.to_dict()
@@ -157,7 +158,7 @@ def attention(ctx: Context) -> Section:
         *notes,
         Table(["head", *SCORE_NAMES, "fixed offset"], rows, sortable=True, highlight={best},
               caption=f"Head-type scores (0 to 1; — where undefined); queries counted per layer: {counts}"),
-        *figs])
+        *figs, *attention_views(ctx)])
 
 
 # --- circuits ------------------------------------------------------------------------------------
