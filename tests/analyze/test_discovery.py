@@ -77,7 +77,7 @@ def test_eap_equals_naive_autograd(name):
     torch.testing.assert_close(scores, want, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["attn-only", "ln-standard-gelu"])
+@pytest.mark.parametrize("name", MODELS)
 @torch.no_grad()
 def test_acdc_matches_a_naive_acdc_loop(name):
     model = small(name)
@@ -89,6 +89,40 @@ def test_acdc_matches_a_naive_acdc_loop(name):
     assert torch.equal(kept, want_kept & runner.graph.allowed)
     torch.testing.assert_close(scores, want_scores, atol=1e-9, rtol=1e-9)
     assert 0 < int(kept.sum()) < runner.graph.n_edges  # a real choice was made
+
+
+def full_forward_acdc(runner, threshold):
+    """ACDC with one full masked forward per candidate (``EdgeRunner.forward``, itself checked against hooks)."""
+    g = runner.graph
+    M = g.allowed.double().clone()
+    current = float(runner.value(runner.forward(M)))
+    scores = torch.zeros(g.allowed.shape, dtype=torch.float64)
+    for d in reversed(range(len(g.dests))):
+        for s in reversed(range(len(g.sources))):
+            if g.allowed[s, d]:
+                M[s, d] = 0
+                new = float(runner.value(runner.forward(M)))
+                scores[s, d] = new - current if runner.metric == "kl" else abs(new - current)
+                if scores[s, d] < threshold:
+                    current = new
+                else:
+                    M[s, d] = 1
+    return M.bool() & g.allowed, scores
+
+
+@pytest.mark.parametrize(("name", "metric", "ablation", "threshold"), [
+    ("ln-standard-gelu", "kl", "corrupted", 0.01), ("rotary", "logit_diff", "mean", 0.05),
+    ("bidirectional", "kl", "mean", 0.01), ("attn-only", "loss", "corrupted", 0.02)])
+@torch.no_grad()
+def test_incremental_acdc_equals_full_forwards_on_three_layers(name, metric, ablation, threshold):
+    """Three layers: a candidate's change travels through a middle layer; KL, mean ablation, other metrics."""
+    model = random_model(name, n_layers=3, n_ctx=N_POS, d_vocab=VOCAB).to(torch.float64, print_details=False)
+    runner = EdgeRunner(model, pairs_for(model), metric=metric, ablation=ablation)
+    kept, scores = methods.acdc(runner, threshold)
+    want_kept, want_scores = full_forward_acdc(runner, threshold)
+    assert torch.equal(kept, want_kept)
+    torch.testing.assert_close(scores, want_scores, atol=1e-9, rtol=1e-9)
+    assert 0 < int(kept.sum()) < runner.graph.n_edges
 
 
 # --- ground truth by construction ----------------------------------------------------------------------

@@ -84,33 +84,14 @@ class EdgeRunner:
         diff = torch.stack([outs[s] for s in used]) - self.C[used]
         return x - torch.einsum("snpd,sv->vnpd", diff, off[used].to(diff.dtype))
 
-    def head_output(self, layer: int, head: int, M: Tensor) -> Tensor:
-        """Head ``head`` of ``layer``'s output under mask ``M``, from the clean run's state entering the layer
-        (valid when ``M`` keeps every edge into destinations before the layer): ``[n, T, d_model]``."""
-        eng, H = self.eng, self.graph.n_heads
-        n_out, resid = self.prefix[(layer, False)]
-        outs = list(self.A[:n_out].unbind(0))
-        d = layer * (3 * H + (not self.graph.attn_only))
-        cols = torch.tensor([d + head, d + H + head, d + 2 * H + head])
-        h = eng.norm(self._inputs(outs, resid, M[:, cols]), eng.layers[layer].ln1)  # [3, n, T, d_model]
-        q, k, v = (eng.project_heads(layer, h[i], part, head)[:, :, None] for i, part in enumerate("qkv"))
-        z = eng.attention(layer, eng.rotate(layer, q), eng.rotate(layer, k), v)  # [n, T, 1, d_head]
-        return eng.head_outputs(layer, z[:, :, 0], head)
-
     def _run(self, tokens: Tensor | None, M: Tensor, start: tuple[int, bool] = (0, False), keep_prefix: bool = False,
-             grads: list | None = None, embed: Tensor | None = None, heads: Tensor | None = None):
-        """The masked forward from ``start``; ``heads`` ``[n_heads, n, T, d_model]``: the outputs of layer
-        ``start[0]``'s heads given, the run continuing from that layer's MLP half."""
+             grads: list | None = None, embed: Tensor | None = None):
+        """The masked forward from ``start`` (the clean run's state there)."""
         eng, g = self.eng, self.graph
         H, L = g.n_heads, g.n_layers
         prefix = {}
         layer0, mlp_first = start
-        if heads is not None:
-            n_out, resid = self.prefix[(layer0, False)]
-            outs = list(self.A[:n_out].unbind(0)) + list(heads.unbind(0))
-            resid = resid + heads.sum(0) + eng.layers[layer0].b_o
-            mlp_first = True
-        elif start == (0, False):
+        if start == (0, False):
             a = eng.embed(tokens) if embed is None else embed
             outs, resid = [a], a
         else:

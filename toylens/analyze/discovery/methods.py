@@ -67,45 +67,11 @@ def exact(runner: EdgeRunner, progress: bool = False) -> Tensor:
     return scores
 
 
-@torch.no_grad()
 def acdc(runner: EdgeRunner, threshold: float, progress: bool = False) -> tuple[Tensor, Tensor]:
     """ACDC: destinations in reverse topological order, each incoming edge (sources in reverse order) removed
-    when that moves the metric by less than ``threshold`` (for ``kl``: raises it by less); each candidate
-    resumes from the destination's layer with the clean run's prefix. Returns (mask kept, score per edge)."""
-    g = runner.graph
-    M = g.allowed.to(runner.A.dtype).clone()
-    scores = torch.zeros(g.allowed.shape, dtype=torch.float64)
-    current = float(runner.value(runner.forward(M)))
-    kl = runner.metric == "kl"
-    bar = tqdm(total=g.n_edges, disable=not progress, desc=f"ACDC (threshold {threshold:g})")
-    heads_now: dict[int, Tensor] = {}  # per layer: its heads' outputs under the current mask
-    for d in reversed(range(len(g.dests))):
-        start = runner.start_of(d)
-        name = g.dests[d]
-        head = int(name.split(".")[0].split("H")[1]) if "." in name else None
-        if head is not None and start[0] not in heads_now:  # the layer's inputs are all still clean here
-            n_out = runner.prefix[(start[0], False)][0]
-            heads_now[start[0]] = runner.A[n_out:n_out + g.n_heads].clone()
-        for s in reversed(range(len(g.sources))):
-            if not g.allowed[s, d]:
-                continue
-            M[s, d] = 0
-            if head is None:
-                logits = runner.forward(M, start)
-            else:  # only this head's output changes in its layer
-                out = runner.head_output(start[0], head, M)
-                heads = heads_now[start[0]].clone()
-                heads[head] = out
-                logits = runner._run(None, M, start, heads=heads)[0]
-            new = float(runner.value(logits))
-            change = new - current if kl else abs(new - current)
-            scores[s, d] = change
-            if change < threshold:
-                current = new
-                if head is not None:
-                    heads_now[start[0]][head] = out
-            else:
-                M[s, d] = 1
-            bar.update(1)
-    bar.close()
-    return M.bool() & g.allowed, scores
+    when that moves the metric by less than ``threshold`` (for ``kl``: raises it by less); each candidate costs
+    its destination's node and the nodes downstream it changes (``discovery.acdc``). Returns (mask kept, score
+    per edge)."""
+    from toylens.analyze.discovery.acdc import acdc as incremental
+
+    return incremental(runner, threshold, progress)
