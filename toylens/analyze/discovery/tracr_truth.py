@@ -154,12 +154,12 @@ def _sampler(unique: bool) -> Callable:
     return sample
 
 
-def _lib(name: str, *args) -> Callable:
+def _lib(name: str, *args, **kwargs) -> Callable:
     def make():
         from tracr.compiler import lib
         from tracr.rasp import rasp
 
-        return getattr(lib, name)(*[rasp.tokens if a == "tokens" else a for a in args])
+        return getattr(lib, name)(*[rasp.tokens if a == "tokens" else a for a in args], **kwargs)
     return make
 
 
@@ -168,6 +168,9 @@ EXAMPLES = {
     "hist": Example(_lib("make_hist"), frozenset({1, 2, 3}), 5, _sampler(unique=False)),
     "sort_unique": Example(_lib("make_sort_unique", "tokens", "tokens"), frozenset({1, 2, 3, 4, 5, 6}), 5,
                            _sampler(unique=True)),
+    "sort": Example(_lib("make_sort", "tokens", "tokens", max_seq_len=5, min_key=1), frozenset({1, 2, 3, 4}), 5,
+                    _sampler(unique=False)),
+    "shuffle_dyck": Example(_lib("make_shuffle_dyck", ["()"]), frozenset({"(", ")"}), 6, _sampler(unique=False)),
 }
 
 
