@@ -27,7 +27,8 @@ from toylens.runs.run import load_run
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000"]
+         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000",
+         "--host-resolver-rules=MAP * ~NOTFOUND"]  # networking off: no host name resolves (a CDN stays blank)
 
 # Skipped only outside CI: under CI=true a missing browser fails the tests instead of hiding them.
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"),
@@ -43,23 +44,35 @@ def report_dir(tmp_path_factory, tiny_run) -> Path:
     return make_report(load_run(run_dir), cfg).parent
 
 
+# Chromium's own notes when WebGL runs in software (no GPU here; CircuitsVis computes with tfjs on WebGL).
+# They come from the browser's GL layer, not from the page's code, so they are not page errors.
+SOFTWARE_GL = re.compile(r'CONSOLE:\d+\] "(\[\]Automatic fallback to software WebGL has been deprecated\.'
+                         r'|\[\.WebGL-0x[0-9a-f]+\]GL Driver Message \(OpenGL, Performance, GL_CLOSE_PATH_NV, High\): '
+                         r'GPU stall due to ReadPixels)')
+
+
 def chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
-    """(the DOM after the scripts ran, the console lines)."""
+    """(the DOM after the scripts ran, the console lines, less Chromium's software-WebGL notes)."""
     p = subprocess.run([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    console = [line for line in p.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    console = [line for line in p.stderr.splitlines()
+               if (":CONSOLE" in line or "Uncaught" in line) and not SOFTWARE_GL.search(line)]
     return p.stdout, console
 
 
 class _Plots(HTMLParser):
-    """For each ``div.tl-plot``: its data-rendered attribute and how many ``svg.main-svg`` it holds."""
+    """For each ``div.tl-plot``: its data-rendered attribute and how many ``svg.main-svg`` it holds; for each
+    CircuitsVis container ``div.tl-cvis``: its data-rendered attribute, how many elements were drawn inside
+    it and their text."""
 
     def __init__(self):
         super().__init__()
         self.plots: dict[str, dict] = {}
+        self.views: dict[str, dict] = {}
         self.body: dict = {}
         self._stack: list[str | None] = []  # the plot id each open div belongs to
+        self._open: list[tuple[str, str | None]] = []  # (tag, the view it is inside) of each open element
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -73,10 +86,47 @@ class _Plots(HTMLParser):
             self.plots[owner]["main_svg"] += 1
         if tag == "div":
             self._stack.append(owner)
+        view = self._open[-1][1] if self._open else None
+        if view:
+            self.views[view]["elements"] += 1
+        if tag == "div" and "tl-cvis" in (a.get("class") or "").split():
+            view = a["id"]
+            self.views[view] = {"rendered": a.get("data-rendered"), "elements": 0, "text": ""}
+        if tag not in VOID:
+            self._open.append((tag, view))
+
+    def handle_data(self, data):
+        if self._open and self._open[-1][1]:
+            self.views[self._open[-1][1]]["text"] += data
 
     def handle_endtag(self, tag):
         if tag == "div" and self._stack:
             self._stack.pop()
+        while self._open:  # close up to the matching tag (the DOM dump is well formed)
+            if self._open.pop()[0] == tag:
+                break
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def check_views(parser: _Plots, views: list[dict], props: dict[str, dict]) -> None:
+    """Every CircuitsVis view listed in report.json drew into its own container: rendered, elements inside,
+    and (for coloured tokens) exactly its tokens' text."""
+    assert list(parser.views) == [v["id"] for v in views]
+    empty = {k: v for k, v in parser.views.items() if v["rendered"] != "1" or v["elements"] < 2}
+    assert empty == {}
+    for v in views:
+        if v["component"] == "ColoredTokens":
+            drawn = parser.views[v["id"]]["text"].replace("\xa0", " ")  # CircuitsVis draws spaces as &nbsp;
+            assert drawn == "".join(props[v["id"]]["tokens"]), v
+        else:  # the attention views name their heads and list the tokens
+            assert parser.views[v["id"]]["elements"] >= 10, v
+
+
+def view_props(page: str) -> dict[str, dict]:
+    return {m.group(1): json.loads(m.group(2))["props"] for m in re.finditer(
+        r'<script type="application/json" id="data-(cv-[^"]+)">(.*?)</script>', page, flags=re.S)}
 
 
 def test_every_figure_renders_offline_without_console_errors(report_dir, tmp_path):
@@ -91,6 +141,9 @@ def test_every_figure_renders_offline_without_console_errors(report_dir, tmp_pat
     not_rendered = {k: v for k, v in parser.plots.items() if v["rendered"] != "1" or v["main_svg"] < 1}
     assert not_rendered == {}
     assert sum(v["rendered"] == "1" for v in parser.plots.values()) == len(figures)
+    views = json.loads((report_dir / "report.json").read_text())["views"]  # CircuitsVis, drawn offline
+    assert len(views) == 7
+    check_views(parser, views, view_props((report_dir / "index.html").read_text()))
 
 
 SELFTEST = r"""
@@ -120,17 +173,30 @@ SELFTEST = r"""
 
 
 def test_sorting_and_that_console_errors_would_be_seen(report_dir, tmp_path):
-    """Clicks the ablation table's headers, and proves the console check above is not vacuous:
-    a copy of the page that logs an error and throws is caught by the same parsing."""
+    """Clicks the ablation table's headers, and proves the console and view checks above are not vacuous:
+    a copy of the page that logs an error and throws, and whose CircuitsVis bundle is missing, is caught by
+    the same parsing (every view empty and logged); circuitsvis's own CDN variant stays blank (no network)."""
+    import circuitsvis.tokens
+
+    cdn = circuitsvis.tokens.colored_tokens(tokens=[" cdn"], values=[1.0]).cdn_src.replace("/>", "></div>", 1)
     page = report_dir / "selftest.html"
-    page.write_text((report_dir / "index.html").read_text().replace("</body>", SELFTEST + "</body>"))
+    page.write_text((report_dir / "index.html").read_text().replace('src="circuitsvis.js"', 'src="missing.js"')
+                    .replace("</body>", f'<div id="cdn-probe">{cdn}</div>{SELFTEST}</body>'))
     try:
         dom, console = chromium(page, tmp_path / "profile")
     finally:
         page.unlink()
     assert any("toylens-selftest-console" in line for line in console), console
     assert any("Uncaught Error: toylens-selftest-uncaught" in line for line in console), console
-    assert len(console) == 2, console
+    views = json.loads((report_dir / "report.json").read_text())["views"]
+    failed = [line for line in console if "is not loaded (circuitsvis.js missing?)" in line]
+    assert len(failed) == len(views) == 7 and len(console) == 2 + len(views), console
+    parser = _Plots()
+    parser.feed(dom)
+    assert {v["rendered"] for v in parser.views.values()} == {"error"}
+    with pytest.raises(AssertionError):
+        check_views(parser, views, {})
+    assert re.search(r'<div id="circuits-vis-[^"]*" style="margin: 15px 0;"></div>', dom)  # the CDN view: empty
     out = json.loads(re.search(r'<pre id="selftest">(.*?)</pre>', dom, flags=re.S).group(1).replace("&quot;", '"'))
     rows = json.loads((report_dir / "report.json").read_text())["ablation"]["rows"]
     deltas = [r["delta_loss"] for r in rows]
