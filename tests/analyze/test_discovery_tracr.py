@@ -30,19 +30,19 @@ def test_converted_model_equals_tracr(compiled):
     assert fast_path_reason(model) is None  # the fused engine (and so discovery) computes it
     assert model.cfg.attention_dir == "bidirectional" and model.cfg.normalization_type is None
     assert model.cfg.d_vocab_out == len(prog.output_values) != model.cfg.d_vocab
-    inputs = EXAMPLES[name].inputs(3, seed=5)[0] + [sorted(prog.vocab)[:prog.max_seq_len]]
+    inputs = EXAMPLES[name].inputs(5, seed=5)[0] + [sorted(prog.vocab)[:prog.max_seq_len]]
+    tokens = prog.encode(inputs)
     with torch.no_grad():
-        logits, cache = model.run_with_cache(prog.encode(inputs))
-    ours = prog.decode(logits)
-    for i, x in enumerate(inputs):
-        out = prog.assembled.apply([prog.bos, *x] + [prog.pad] * (prog.max_seq_len - len(x)))
-        mine = [cache[hook, layer][i].numpy() for layer in range(model.cfg.n_layers)
-                for hook in ("resid_mid", "resid_post")]
-        assert len(mine) == len(out.residuals)
-        for a, b in zip(mine, out.residuals, strict=True):
-            np.testing.assert_allclose(a, np.asarray(b[0]), atol=1e-5)
-        assert ours[i] == out.decoded
-        assert logits[i, 1:].argmax(-1).tolist() == np.asarray(out.unembedded[0, 1:]).tolist()
+        logits, cache = model.run_with_cache(tokens)
+    out = prog.assembled.forward(prog.assembled.params, tokens.numpy())  # tracr's own forward, the whole batch
+    mine = [cache[hook, layer].numpy() for layer in range(model.cfg.n_layers) for hook in ("resid_mid", "resid_post")]
+    assert len(mine) == len(out.transformer_output.residuals)
+    for a, b in zip(mine, out.transformer_output.residuals, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), atol=1e-5)
+    assert logits.argmax(-1).tolist() == np.asarray(out.unembedded_output).tolist()  # tracr's argmax
+    x = inputs[0]  # and tracr's decoding path (apply: encode, forward, decode), once
+    assert prog.decode(logits[:1]) == [prog.assembled.apply([prog.bos, *x] + [prog.pad] * (prog.max_seq_len - len(x))
+                                                            ).decoded]
 
 
 def test_ground_truth_is_read_off_the_craft_model(compiled):
