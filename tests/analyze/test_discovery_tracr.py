@@ -14,17 +14,22 @@ from toylens.model.eligibility import fast_path_reason  # noqa: E402
 PROGRAMS = ["reverse", "sort_unique"]  # reverse: SelectorWidth (a head + an MLP), two MLPs, empty layers, a flip head
 
 
-@pytest.fixture(scope="module", params=PROGRAMS)
-def compiled(request):
-    ex = EXAMPLES[request.param]
-    prog = ex.compile()  # tracr's compiler: a few seconds each, once per module
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_tracr_program(name):
+    # one test per program, so that each is compiled once (tracr's compiler takes seconds) even under xdist
+    ex = EXAMPLES[name]
+    prog = ex.compile()
     model = prog.model(torch.float64)
     clean, corrupted = ex.inputs(64, seed=0)
     pairs = pairs_from_inputs(prog, model, clean, corrupted)
-    return request.param, prog, model, pairs, EdgeRunner(model, pairs, "logit_diff")
+    compiled = name, prog, model, pairs, EdgeRunner(model, pairs, "logit_diff")
+    check_converted_model_equals_tracr(compiled)
+    check_ground_truth_is_read_off_the_craft_model(compiled)
+    for method in ("exact", "acdc", "eap", "eap_ig"):
+        check_method_ranks_the_tracr_circuit(compiled, method)
 
 
-def test_converted_model_equals_tracr(compiled):
+def check_converted_model_equals_tracr(compiled):
     name, prog, _, _, _ = compiled
     model = prog.model(torch.float32)
     assert fast_path_reason(model) is None  # the fused engine (and so discovery) computes it
@@ -45,7 +50,7 @@ def test_converted_model_equals_tracr(compiled):
                                                             ).decoded]
 
 
-def test_ground_truth_is_read_off_the_craft_model(compiled):
+def check_ground_truth_is_read_off_the_craft_model(compiled):
     name, prog, _, _, runner = compiled
     truth, structural = true_edges(prog), true_edges(prog, input_dependent=False)
     assert truth < structural
@@ -66,8 +71,7 @@ def test_ground_truth_is_read_off_the_craft_model(compiled):
         assert ("embed", "L1H0.q") in structural - truth
 
 
-@pytest.mark.parametrize("method", ["exact", "acdc", "eap", "eap_ig"])
-def test_methods_rank_the_tracr_circuit(compiled, method):
+def check_method_ranks_the_tracr_circuit(compiled, method):
     name, prog, model, pairs, runner = compiled
     truth = true_edges(prog)
     assert pairs.batch_size >= 40
@@ -76,13 +80,13 @@ def test_methods_rank_the_tracr_circuit(compiled, method):
     result = discover(model, pairs, method=method, runner=runner, **kwargs)
     auc = roc_auc(result.edges, truth, rel_tol=1e-6)
     if method in ("exact", "acdc"):
-        assert auc == 1.0
-        assert set(result.circuit) == truth
+        assert auc == 1.0, method
+        assert set(result.circuit) == truth, method
         assert result.faithfulness["circuit_recovered"] == pytest.approx(1.0, abs=1e-6)
         scores = {(e["src"], e["dst"]): e["score"] for e in result.edges}
         assert max(abs(v) for k, v in scores.items() if k not in truth) < 1e-9  # the rest move nothing
     else:  # first-order: reported (benchmarks/tracr_auc.py), not guaranteed; saturated softmaxes and ReLUs
-        assert 0.5 <= auc <= 1.0  # leave many true edges a gradient of ~0
+        assert 0.5 <= auc <= 1.0, method  # leave many true edges a gradient of ~0
     if method == "exact":  # every answer flips when the output head's (or MLP's) write is corrupted: +1 -> -1
         last = "L3H0" if name == "reverse" else "L1H0"
         assert result.edges[0]["src"] == last and result.edges[0]["dst"] == "logits"
