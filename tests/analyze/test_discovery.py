@@ -78,6 +78,20 @@ def test_eap_equals_naive_autograd(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
+def test_one_backward_gradients_equal_split_input_autograd(name, metric):
+    """EAP's gradients from one plain backward (norm VJPs batched over heads) equal autograd on one split copy of
+    the residual stream per destination, at the clean embedding and between clean and corrupted (EAP-IG)."""
+    model = random_model(name, n_layers=3, n_ctx=N_POS, d_vocab=VOCAB).to(torch.float64, print_details=False)
+    runner = EdgeRunner(model, pairs_for(model), metric=metric)
+    for embed in (None, 0.3 * runner.A[0] + 0.7 * runner.C[0]):
+        got, want = methods._gradients(runner, embed), methods._split_gradients(runner, embed)
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        for (_, _, g), (_, _, w) in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", MODELS)
 @torch.no_grad()
 def test_acdc_matches_a_naive_acdc_loop(name):
     model = small(name)

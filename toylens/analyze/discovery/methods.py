@@ -11,7 +11,53 @@ from toylens.analyze.discovery.edges import EdgeRunner
 
 
 def _gradients(runner: EdgeRunner, embed: Tensor | None = None) -> list[tuple[int, int, Tensor]]:
-    """d metric / d (every destination input) on the clean run (or with the embedding ``embed``)."""
+    """d metric / d (every destination input) with every edge on, on the clean run (or from the embedding
+    ``embed``). Every destination input then equals the residual stream, so one plain forward and backward
+    gives them all: a head's q/k/v input gradient is its own projection's gradient taken back through its rows
+    of W_Q/W_K/W_V and the norm (the norm's vector-Jacobian product batched over heads). Checked against
+    autograd on split inputs (``_split_gradients``) and TransformerLens hooks (tests)."""
+    eng, g = runner.eng, runner.graph
+    keep: list[tuple[str, int, Tensor, Tensor]] = []  # (kind, layer, norm input, what to differentiate)
+    with torch.enable_grad():
+        x = (runner.A[0] if embed is None else embed).detach().requires_grad_(True)
+        for layer in range(g.n_layers):
+            lay = eng.layers[layer]
+            h = eng.norm(x, lay.ln1)
+            p = eng.project(layer, h)  # [n, T, 3, H, d_head]
+            keep.append(("attn", layer, x, p))
+            q, k, v = p.unbind(-3)
+            z = eng.attention(layer, eng.rotate(layer, q), eng.rotate(layer, k), v)
+            x = x + eng.head_outputs(layer, z).sum(0) + lay.b_o
+            if not g.attn_only:
+                h2 = eng.norm(x, lay.ln2)
+                h2 = x.view_as(x) if h2 is x else h2  # no norm: the MLP's own path, not the residual's
+                keep.append(("mlp", layer, x, h2))
+                x = x + eng.mlp(layer, h2)
+        keep.append(("logits", g.n_layers, x, x))
+        value = runner.value(eng.unembed.at(x, runner.answer_pos, per_row=True))
+        gs = torch.autograd.grad(value, [t for *_, t in keep])
+    out, d, n_src = [], 0, 1
+    for (kind, layer, x_in, _), grad in zip(keep, gs, strict=True):
+        if kind == "logits":
+            out.append((d, n_src, grad))
+            continue
+        ln = eng.layers[layer].ln1 if kind == "attn" else eng.layers[layer].ln2
+        _, back = torch.func.vjp(lambda t, ln=ln: eng.norm(t, ln), x_in.detach())
+        if kind == "attn":
+            H = g.n_heads
+            w = eng.layers[layer].w_qkv.reshape(3, H, eng.d_head, eng.d_model)
+            grad_h = torch.einsum("ntphe,phem->phntm", grad, w).flatten(0, 1)  # [3H, n, T, d_model]
+            out.append((d, n_src, torch.vmap(lambda t, back=back: back(t)[0])(grad_h)))
+            d, n_src = d + 3 * H, n_src + H
+        else:
+            out.append((d, n_src, back(grad)[0]))
+            d, n_src = d + 1, n_src + 1
+    return out
+
+
+def _split_gradients(runner: EdgeRunner, embed: Tensor | None = None) -> list[tuple[int, int, Tensor]]:
+    """The same by autograd on the split inputs of the masked forward (one copy of the residual stream per
+    destination): the slow, obvious way, kept as the tests' reference."""
     grads: list = []
     with torch.enable_grad():
         # the graph starts at the embedding (the engine's weights are detached: no parameter gradients)
