@@ -145,3 +145,17 @@ def test_no_views_no_bundle_and_attention_only_models_say_so(tmp_path, tiny_run)
     assert [b.name for b in blocks if isinstance(b, View)][-1] == "circuitsvis/loss/row0"
     assert any(isinstance(b, Note) and "no MLP neurons" in b.text for b in blocks)
     assert "neurons" not in ctx.data["attention"]["circuitsvis"]
+
+
+def test_long_sequences_show_their_first_positions(run_and_report, monkeypatch):
+    """Above MAX_VALUES attention weights per view, the attention views keep the first k positions (and say so)."""
+    run, _ = run_and_report
+    ctx = Context(run=run, cfg=_config(run.path), model=run.model(device="cpu"), step=run.last_step, device="cpu")
+    monkeypatch.setattr(cv, "MAX_VALUES", 4 * 6 * 6 + 5)  # 4 heads: room for 6 x 6 positions, not 7 x 7
+    views = {b.name: b for b in cv.attention_views(ctx) if isinstance(b, View)}
+    full = ctx.batch.tokens.shape[1]
+    assert ctx.data["attention"]["circuitsvis"]["attention_positions_shown"] == 6 < full
+    for name in ("circuitsvis/attention_heads/row1", "circuitsvis/attention_patterns/row0"):
+        assert torch.tensor(views[name].props["attention"]).shape == (4, 6, 6) and len(views[name].props["tokens"]) == 6
+        assert f"first 6 of {full} positions" in views[name].caption
+    assert len(views["circuitsvis/loss/row0"].props["tokens"]) == full  # coloured tokens are cheap: all positions

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 BUNDLE = "circuitsvis.js"  # the copy of circuitsvis/dist/cdn/iife.js in the report folder
 N_EXAMPLES = 3  # example sequences shown
 N_NEURONS = 2  # neurons of the last MLP shown as coloured tokens
+MAX_VALUES = 200_000  # attention weights per view at most: longer sequences show their first positions only
 DECIMALS = 6  # props are rounded to this many decimals (|error| <= 5e-7): a smaller page
 
 
@@ -129,18 +130,22 @@ def attention_views(ctx) -> list:
         blocks.append(View(name, component, props, title, caption))
         record["views"].append({"name": name, "component": component, "title": title})
 
+    k = min(tokens.shape[1], math.isqrt(MAX_VALUES // len(heads)))  # positions shown in the attention views
+    record["attention_positions_shown"] = k
+    cut = f" Only the first {k} of {tokens.shape[1]} positions are shown (a smaller page)." \
+        if k < tokens.shape[1] else ""
     for i in range(len(tokens)):
         add(cva.attention_heads, f"circuitsvis/attention_heads/row{i}",
             f"Sequence {i}: every head's attention ({_span(mask[i])})",
             "Row = the query position doing the looking, column = the key position it reads; "
-            "each row sums to 1. Click a head to pin it.",
-            attention=_round(acts["pattern"][i]), tokens=labels[i], attention_head_names=heads,
+            "each row sums to 1. Click a head to pin it." + cut,
+            attention=_round(acts["pattern"][i, :, :k, :k]), tokens=labels[i][:k], attention_head_names=heads,
             mask_upper_tri=causal)
         blocks[-1].collapsed = i > 0  # the first example open, the others one click away
     add(cva.attention_patterns, "circuitsvis/attention_patterns/row0", "Sequence 0: heads side by side",
         "The same attention as above, one small pattern per head (CircuitsVis attention_patterns): hover a token "
-        "to see where it looks (and what looks at it) in every head at once.",
-        tokens=labels[0], attention=_round(acts["pattern"][0]))
+        "to see where it looks (and what looks at it) in every head at once." + cut,
+        tokens=labels[0][:k], attention=_round(acts["pattern"][0, :, :k, :k]))
     loss = _token_loss(acts["logits"][0], targets[0], mask[0])
     record["loss_row0"] = _round(loss)
     scored = loss[mask[0]]
