@@ -144,7 +144,8 @@ def attention_views(ctx) -> list:
         blocks[-1].collapsed = i > 0  # the first example open, the others one click away
     add(cva.attention_patterns, "circuitsvis/attention_patterns/row0", "Sequence 0: heads side by side",
         "The same attention as above, one small pattern per head (CircuitsVis attention_patterns): hover a token "
-        "to see where it looks (and what looks at it) in every head at once." + cut,
+        "to see where it looks (and what looks at it) in every head at once. Head 0, Head 1, … are "
+        f"{', '.join(heads[:3])}{', …' if len(heads) > 3 else ''} in that order." + cut,
         tokens=labels[0][:k], attention=_round(acts["pattern"][0, :, :k, :k]))
     loss = _token_loss(acts["logits"][0], targets[0], mask[0])
     record["loss_row0"] = _round(loss)
@@ -160,14 +161,16 @@ def attention_views(ctx) -> list:
     else:
         post = acts["mlp_post"][0]  # [pos, d_mlp]
         # position 0 (BOS) is left out of the choice: neurons that only fire there say little about the task
-        top = post[1 if len(post) > 1 else 0:].max(dim=0).values.topk(min(N_NEURONS, post.shape[1])).indices.tolist()
+        first = 1 if len(post) > 1 else 0
+        top = post[first:].max(dim=0).values.topk(min(N_NEURONS, post.shape[1])).indices.tolist()
         record["neurons"] = {"hook": acts["mlp_hook"], "row": 0, "top": top,
                              "rule": "largest activation at positions >= 1 of sequence 0"}
         for n in top:
             values = post[:, n]
+            peak = first + int(values[first:].argmax())
             add(cvt.colored_tokens, f"circuitsvis/neuron/{acts['mlp_hook']}/{n}",
-                f"Sequence 0: neuron {n} of {acts['mlp_hook']} (max {float(values.max()):.3g} at position "
-                f"{int(values.argmax())})",
+                f"Sequence 0: neuron {n} of {acts['mlp_hook']} (peak {float(values[peak]):.3g} at position {peak}"
+                f"{f'; {float(values[0]):.3g} at position 0' if first else ''})",
                 f"One of the {len(top)} neurons of the last MLP with the largest activation on this sequence "
                 f"(after position 0); each token is coloured by the neuron's activation (hook_post) there.",
                 tokens=labels[0], values=_round(values))
