@@ -114,7 +114,7 @@ def test_saelens_recovers_planted_sparse_directions():
     tokens = torch.randint(0, 96, (512, 8), generator=torch.Generator().manual_seed(1))
     acts = model.run_with_cache(tokens[:4], names_filter=HOOK)[1][HOOK]
     assert torch.allclose(acts, codes[tokens[:4]] @ dirs, atol=1e-5)  # the structure really is planted
-    s = SAESettings(d_sae=32, l1=1.0, steps=400, batch_tokens=512, lr=3e-3, log_every=50)
+    s = SAESettings(d_sae=32, l1=1.0, steps=150, batch_tokens=512, lr=3e-3, log_every=50)
     sae, curves = train_sae(model, tokens, HOOK, s)
     w_dec = F.normalize(sae.W_dec.detach(), dim=-1)
     best = (dirs @ w_dec.T).max(-1).values  # for each planted direction, its best-matching latent

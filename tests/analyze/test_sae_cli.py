@@ -97,3 +97,18 @@ def test_missing_run_and_a_foreign_folder(tmp_path, tiny_run, monkeypatch, capsy
     code, _, err = call(monkeypatch, capsys, f"run={run_dir}", f"hook={HOOK}", *FAST)
     assert code == 2 and "toylens did not write it" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my own SAE"
+
+
+def test_logs_to_the_runs_wandb_run_offline(tmp_path, tiny_run, monkeypatch, capsys):
+    run_dir = tiny_run(tmp_path / "run", **{"logger.name": "wandb", "logger.mode": "offline",
+                                            "logger.project": "toylens-test"})
+    before = set((run_dir / "wandb").glob("offline-run-*/*.wandb"))
+    code, _, err = call(monkeypatch, capsys, f"run={run_dir}", f"hook={HOOK}", *FAST)
+    assert code == 0, err
+    from toylens.runs.run import load_run
+
+    wandb_id = load_run(run_dir).wandb_id()
+    logged = [p for p in (run_dir / "wandb").glob("offline-run-*/*.wandb") if p not in before]
+    assert logged and all(wandb_id in p.name for p in logged)  # the training's own run, resumed
+    blob = b"".join(p.read_bytes() for p in logged)
+    assert f"sae/{HOOK}/eval/ce_loss_recovered".encode() in blob and f"sae/{HOOK}/curves".encode() in blob

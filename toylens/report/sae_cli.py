@@ -30,6 +30,7 @@ class SAECommand:
     step: int | None = None  # checkpoint step (null: the last)
     eval_sequences: int = 512  # held-out task sequences for the evaluation and the cards
     cards: int = 8  # latent cards on the page
+    threads: int = 0  # torch CPU threads; 0: torch's default (1 is often faster on a busy machine)
 
 
 def _settings_cls():
@@ -80,6 +81,8 @@ def _validate(cmd: SAECommand, s) -> None:
         raise ConfigError(f"l1={s.l1}: the L1 coefficient must be >= 0; e.g. l1=5")
     if s.lr is None or s.lr <= 0:
         raise ConfigError(f"lr={s.lr}: the learning rate must be > 0; e.g. lr=0.001")
+    if cmd.threads is None or cmd.threads < 0:
+        raise ConfigError(f"threads={cmd.threads}: must be an integer >= 0 (0: torch's default)")
     if s.seed is None or s.seed < 0:
         raise ConfigError(f"seed={s.seed}: must be an integer >= 0")
 
@@ -139,6 +142,10 @@ def main_of(argv: list[str]) -> Path:
     final = run.path / "sae" / cmd.hook
     check_sae_dir(final)
     step = run.pin(cmd.step)
+    if cmd.threads:
+        import torch
+
+        torch.set_num_threads(cmd.threads)
     model = run.model(step)
     from toylens.analyze.sae.train import sae_hooks
 

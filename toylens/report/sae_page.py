@@ -32,7 +32,8 @@ def _summary(r: SAEResult, run_name: str) -> Section:
             ["task loss, hook zero-ablated", e.ce_zero_ablation],
             ["dead latents (never fire on the evaluation sequences)", e.dead_latents],
             ["evaluation activations", e.n_activations], ["training activations", r.n_train_activations],
-            ["training time (s)", r.train_seconds], ["seconds per 1M training activations", r.seconds_per_million]]
+            ["training wall time (s)", r.train_seconds], ["training CPU time (s, all threads)", r.train_cpu_seconds],
+            ["wall seconds per 1M training activations", r.seconds_per_million]]
     settings = [[k, v] for k, v in s.to_dict().items()] + [["checkpoint step", r.step], ["d_in", r.d_in]]
     return Section("summary", "Summary", (
         f"A standard SAE (ReLU, L1 penalty) trained by SAELens on {r.hook} of {run_name}, evaluated on held-out "

@@ -28,7 +28,8 @@ class SAEResult:
     eval: SAEEval
     density: list[float]  # per latent, on the evaluation sequences
     cards: list[LatentCard]
-    train_seconds: float
+    train_seconds: float  # wall time of SAELens's training run (activations from the model + SAE steps)
+    train_cpu_seconds: float  # CPU time of this process over the same run (all threads)
     n_train_activations: int
     sae: Any = None  # the SAELens SAE (loaded back from disk when one was written)
 
@@ -39,6 +40,7 @@ class SAEResult:
     def to_dict(self) -> dict:
         return {"hook": self.hook, "step": self.step, "d_in": self.d_in, "settings": self.settings.to_dict(),
                 "eval": self.eval.to_dict(), "train_seconds": self.train_seconds,
+                "train_cpu_seconds": self.train_cpu_seconds,
                 "n_train_activations": self.n_train_activations, "seconds_per_million": self.seconds_per_million,
                 "curves": self.curves.to_dict(), "density": self.density, "cards": [c.to_dict() for c in self.cards]}
 
@@ -57,9 +59,9 @@ def sae_of_run(model, task, hook: str, settings: SAESettings, out_dir: Path | No
     held-out sequences and make cards for its ``n_cards`` top latents."""
     g = torch.Generator().manual_seed(settings.seed + TRAIN_SEED_OFFSET)
     tokens = task.sample(settings.n_sequences(task.seq_len), g).tokens
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sae, curves = train_sae(model, tokens, hook, settings, out_dir)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if out_dir is not None:
         sae = load_sae(out_dir)
     sae.eval()
@@ -71,5 +73,5 @@ def sae_of_run(model, task, hook: str, settings: SAESettings, out_dir: Path | No
     cards = latent_cards(model, sae, hook, batch, feats, top_latents(feats, sae, n_cards), task.token_names,
                          ce_clean=ev.ce_clean)
     return SAEResult(hook=hook, step=step, d_in=acts.shape[-1], settings=settings, curves=curves, eval=ev,
-                     density=latent_density(feats).tolist(), cards=cards, train_seconds=seconds,
+                     density=latent_density(feats).tolist(), cards=cards, train_seconds=seconds, train_cpu_seconds=cpu,
                      n_train_activations=settings.steps * settings.batch_tokens, sae=sae)

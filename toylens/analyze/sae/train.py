@@ -20,10 +20,10 @@ class SAESettings:
     """What ``toylens-sae`` trains; every field is a ``key=value`` on its command line."""
 
     d_sae: int = 512  # number of latents (dictionary size)
-    l1: float = 5.0  # L1 sparsity coefficient (SAELens standard SAE, on normalized activations)
+    l1: float = 1.0  # L1 sparsity coefficient (SAELens standard SAE, on normalized activations)
     steps: int = 1500  # SAE optimizer steps
-    batch_tokens: int = 4096  # activations per SAE step
-    lr: float = 1e-3  # Adam learning rate
+    batch_tokens: int = 2048  # activations per SAE step
+    lr: float = 2e-3  # Adam learning rate
     seed: int = 0  # seeds the SAE's initialisation and the task sequences
     log_every: int = 25  # steps between recorded training-curve points
     dead_window: int = 200  # a latent that has not fired for this many steps counts as dead
