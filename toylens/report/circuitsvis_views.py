@@ -219,10 +219,9 @@ def bundle_tags(inline: bool = False) -> str:
 def view_html(view: View, data_scripts: list[str]) -> str:
     """A view's own container (never self-closing, so views side by side do not nest) with its title and
     caption; its component and props go to ``data_scripts`` as JSON (``bundle_tags`` draws them)."""
-    from toylens.report.html import _script_json
-
-    data_scripts.append(f'<script type="application/json" id="data-{view.id}">'
-                        f'{_script_json({"component": view.component, "props": view.props})}</script>')
+    spec = json.dumps({"component": view.component, "props": view.props}, separators=(",", ":"), allow_nan=False)
+    spec = spec.replace("</", "<\\/")  # "</" inside <script> would end it early
+    data_scripts.append(f'<script type="application/json" id="data-{view.id}">{spec}</script>')
     body = (f'<p class="cv-caption">{html.escape(view.caption)}</p><div class="tl-cvis" id="{view.id}" '
             f'data-name="{html.escape(view.name)}" data-component="{html.escape(view.component)}"></div>')
     if view.collapsed:
