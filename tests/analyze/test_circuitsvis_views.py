@@ -159,3 +159,13 @@ def test_long_sequences_show_their_first_positions(run_and_report, monkeypatch):
         assert torch.tensor(views[name].props["attention"]).shape == (4, 6, 6) and len(views[name].props["tokens"]) == 6
         assert f"first 6 of {full} positions" in views[name].caption
     assert len(views["circuitsvis/loss/row0"].props["tokens"]) == full  # coloured tokens are cheap: all positions
+
+
+def test_a_failing_view_keeps_the_section_and_is_recorded(run_and_report, monkeypatch):
+    run, _ = run_and_report
+    ctx = Context(run=run, cfg=_config(run.path), model=run.model(device="cpu"), step=run.last_step, device="cpu")
+    monkeypatch.setattr(cv, "_RENDER_CALL", re.compile("never matches"))  # as if circuitsvis changed its HTML
+    blocks = cv.attention_views(ctx)
+    assert len(blocks) == 1 and blocks[0].kind == "fail" and "circuitsvis changed?" in blocks[0].text
+    assert ctx.data["errors"][-1]["analysis"] == "attention (CircuitsVis views)"
+    assert "circuitsvis changed?" in ctx.data["attention"]["circuitsvis"]["error"]

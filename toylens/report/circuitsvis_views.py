@@ -108,7 +108,18 @@ def _span(mask_row: torch.Tensor) -> str:
 
 def attention_views(ctx) -> list:
     """The blocks (views, a paragraph, notes) for the attention section; records them in
-    ``ctx.data["attention"]["circuitsvis"]`` (which rows, their tokens and labels, which neurons)."""
+    ``ctx.data["attention"]["circuitsvis"]`` (which rows, their tokens and labels, which neurons). If the views
+    fail, the section keeps its other results and says why (also in report.json's ``errors``)."""
+    try:
+        return _attention_views(ctx)
+    except Exception as e:  # the static attention results above stay valid
+        line = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ctx.data.setdefault("attention", {})["circuitsvis"] = {"error": line}
+        ctx.data.setdefault("errors", []).append({"analysis": "attention (CircuitsVis views)", "error": line})
+        return [Note(f"FAILED: the CircuitsVis views: {line}", "fail")]
+
+
+def _attention_views(ctx) -> list:
     import circuitsvis.attention as cva
     import circuitsvis.tokens as cvt
 
