@@ -45,6 +45,7 @@ def test_trains_evaluates_and_writes_the_sae_folder(run_dir, monkeypatch, capsys
     ev = data["eval"]
     assert data["settings"]["d_sae"] == 32 and data["curves"]["step"][-1] == 30 and len(data["density"]) == 32
     page = (folder / "report" / "index.html").read_text()
+    assert "Made by toylens-sae" in page and "toylens-analyze" not in page
     assert "CE loss recovered" in page and f"{ev['ce_loss_recovered']:.3f}" in page and f"L0 {ev['l0']:.1f}" in page
     assert f"CE loss recovered {ev['ce_loss_recovered']:.3f}" in err  # the headline on stderr too
 

@@ -93,6 +93,8 @@ def is_toylens_sae(path: Path) -> bool:
 
 def check_sae_dir(path: Path) -> None:
     """Refuse (ConfigError) to replace a ``sae/<hook>`` that exists and is not one toylens wrote."""
+    if path.parent.is_symlink() or (path.parent.exists() and not path.parent.is_dir()):
+        raise ConfigError(f"hook: {path.parent} is not a folder toylens can write SAEs into; move it away")
     if path.is_symlink() or (path.exists() and not is_toylens_sae(path)):
         raise ConfigError(f"hook: {path} exists and toylens did not write it (no {SAE_MARKER}); move it away "
                           f"or train on another hook")
@@ -131,6 +133,18 @@ def write_sae_dir(final: Path, fill) -> None:
         raise
 
 
+FOOTER = ("<footer>Made by toylens-sae. report.json holds every number on this page; the SAE itself (SAELens's "
+          "cfg.json and sae_weights.safetensors) is in the folder above.</footer>")
+
+
+def _own_footer(page: Path) -> None:
+    """The shared renderer signs pages as toylens-analyze's; this page is toylens-sae's."""
+    import re
+
+    text = page.read_text(encoding="utf-8")
+    page.write_text(re.sub(r"<footer>.*?</footer>", lambda _: FOOTER, text, count=1, flags=re.S), encoding="utf-8")
+
+
 def main_of(argv: list[str]) -> Path:
     """The command without ``sys.exit``: returns the page's path; ConfigError/RunError on bad input."""
     cmd, settings = parse(argv)
@@ -164,7 +178,8 @@ def main_of(argv: list[str]) -> Path:
                        eval_sequences=cmd.eval_sequences, n_cards=cmd.cards)
         rep = sae_report(r, run.name, str(run.path), run.task.name)
         (tmp / "toylens_sae.json").write_text(dumps(r.to_dict()), encoding="utf-8")
-        write_report(rep, tmp / "report")
+        page = write_report(rep, tmp / "report")
+        _own_footer(page)
         result.update(r=r, rep=rep)
 
     write_sae_dir(final, fill)
