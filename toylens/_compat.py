@@ -5,7 +5,15 @@ toylens pins <4 on purpose, so ``toylens.model.build.quiet_transformer_lens`` si
 warning around our own constructions only (the user's own calls still warn).
 """
 
-from transformer_lens import (
+import logging
+
+# transformer_lens imports datasets, whose config logs "JAX version ... available." at INFO on import when jax
+# is installed (the tracr extra); under Hydra's logging that line reached stdout, where the CLIs print only
+# paths. WARNING is datasets' own default level, set here before its first import unless the user set one.
+if logging.getLogger("datasets").level == logging.NOTSET:
+    logging.getLogger("datasets").setLevel(logging.WARNING)
+
+from transformer_lens import (  # noqa: E402
     ActivationCache,
     FactoredMatrix,
     HookedTransformer,
