@@ -20,7 +20,7 @@ class SAESettings:
     """What ``toylens-sae`` trains; every field is a ``key=value`` on its command line."""
 
     d_sae: int = 512  # number of latents (dictionary size)
-    l1: float = 1.0  # L1 sparsity coefficient (SAELens standard SAE, on normalized activations)
+    l1: float = 0.7  # L1 sparsity coefficient (SAELens standard SAE, on normalized activations)
     steps: int = 1500  # SAE optimizer steps
     batch_tokens: int = 2048  # activations per SAE step
     lr: float = 2e-3  # Adam learning rate
