@@ -25,6 +25,15 @@ def _require_tracr() -> None:
         import tracr  # noqa: F401
     except ImportError:
         raise ImportError(INSTALL) from None
+    import sys
+
+    from absl import logging as absl_logging
+
+    # absl's handler keeps the sys.stderr of the moment absl was imported; where that was a temporary stream (a
+    # test's captured output, a notebook's cell) later flushes (e.g. Hydra configuring logging) hit a closed
+    # file. The process's own stderr stays open.
+    if sys.__stderr__ is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 @dataclasses.dataclass

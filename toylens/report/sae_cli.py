@@ -30,7 +30,7 @@ class SAECommand:
     step: int | None = None  # checkpoint step (null: the last)
     eval_sequences: int = 512  # held-out task sequences for the evaluation and the cards
     cards: int = 8  # latent cards on the page
-    threads: int = 0  # torch CPU threads; 0: torch's default (1 is often faster on a busy machine)
+    threads: int = 0  # torch CPU threads; 0: auto, as toylens-train (1 when the cores are busy, else one per core)
 
 
 def _settings_cls():
@@ -82,7 +82,7 @@ def _validate(cmd: SAECommand, s) -> None:
     if s.lr is None or s.lr <= 0:
         raise ConfigError(f"lr={s.lr}: the learning rate must be > 0; e.g. lr=0.001")
     if cmd.threads is None or cmd.threads < 0:
-        raise ConfigError(f"threads={cmd.threads}: must be an integer >= 0 (0: torch's default)")
+        raise ConfigError(f"threads={cmd.threads}: must be an integer >= 0 (0: auto)")
     if s.seed is None or s.seed < 0:
         raise ConfigError(f"seed={s.seed}: must be an integer >= 0")
 
@@ -156,10 +156,11 @@ def main_of(argv: list[str]) -> Path:
     final = run.path / "sae" / cmd.hook
     check_sae_dir(final)
     step = run.pin(cmd.step)
-    if cmd.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(cmd.threads)
+    from toylens.runs.config import resolve_threads
+
+    torch.set_num_threads(resolve_threads(cmd.threads))
     model = run.model(step)
     from toylens.analyze.sae.train import sae_hooks
 
