@@ -41,15 +41,12 @@ def _gradients(runner: EdgeRunner, embed: Tensor | None = None) -> list[tuple[in
         if kind == "logits":
             out.append((d, n_src, grad))
             continue
-        ln = eng.layers[layer].ln1 if kind == "attn" else eng.layers[layer].ln2
-        _, back = torch.func.vjp(lambda t, ln=ln: eng.norm(t, ln), x_in.detach())
         if kind == "attn":
-            H = g.n_heads
-            w = eng.layers[layer].w_qkv.reshape(3, H, eng.d_head, eng.d_model)
-            grad_h = torch.einsum("ntphe,phem->phntm", grad, w).flatten(0, 1)  # [3H, n, T, d_model]
-            out.append((d, n_src, torch.vmap(lambda t, back=back: back(t)[0])(grad_h)))
-            d, n_src = d + 3 * H, n_src + H
+            out.append((d, n_src, eng.head_input_grads(layer, x_in.detach(), grad)))
+            d, n_src = d + 3 * g.n_heads, n_src + g.n_heads
         else:
+            ln2 = eng.layers[layer].ln2
+            _, back = torch.func.vjp(lambda t, ln2=ln2: eng.norm(t, ln2), x_in.detach())
             out.append((d, n_src, back(grad)[0]))
             d, n_src = d + 1, n_src + 1
     return out
