@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from toylens._compat import HookedTransformerConfig
-from toylens.analyze.discovery import DiscoveryError, EdgeRunner, Graph, discover, methods, reference
+from toylens.analyze.discovery import DiscoveryError, EdgeRunner, Graph, discover, gradients, methods, reference
 from toylens.analyze.pairs import PromptPairs
 from toylens.model.build import make_model
 from toylens.model.zoo import random_model
@@ -79,16 +79,17 @@ def test_eap_equals_naive_autograd(name):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("metric", ["logit_diff", "kl"])
-def test_one_backward_gradients_equal_split_input_autograd(name, metric):
-    """EAP's gradients from one plain backward (norm VJPs batched over heads) equal autograd on one split copy of
-    the residual stream per destination, at the clean embedding and between clean and corrupted (EAP-IG)."""
+def test_eap_and_eap_ig_equal_split_input_autograd(name, metric):
+    """EAP's and EAP-IG's scores from plain backward passes (the norm's Jacobian in closed form, split per term)
+    equal the scores from autograd on one split copy of the residual stream per destination."""
     model = random_model(name, n_layers=3, n_ctx=N_POS, d_vocab=VOCAB).to(torch.float64, print_details=False)
     runner = EdgeRunner(model, pairs_for(model), metric=metric)
-    for embed in (None, 0.3 * runner.A[0] + 0.7 * runner.C[0]):
-        got, want = methods._gradients(runner, embed), methods._split_gradients(runner, embed)
-        assert [g[:2] for g in got] == [w[:2] for w in want]
-        for (_, _, g), (_, _, w) in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-7)
+    want = gradients.split_scores(runner, gradients.split_gradients(runner))
+    torch.testing.assert_close(methods.eap(runner), want, atol=1e-10, rtol=1e-8)
+    clean, corrupted = runner.A[0], runner.C[0]
+    steps = [gradients.split_gradients(runner, corrupted + k / 3 * (clean - corrupted)) for k in (1, 2, 3)]
+    mean = [(d, n, sum(s[i][2] for s in steps) / 3) for i, (d, n, _) in enumerate(steps[0])]
+    torch.testing.assert_close(methods.eap_ig(runner, 3), gradients.split_scores(runner, mean), atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -146,31 +146,6 @@ class Engine:
             return F.linear(z, w[:, head])
         return torch.einsum("...he,mhe->h...m", z, w)
 
-    def head_input_grads(self, layer: int, x: Tensor, grad_p: Tensor) -> Tensor:
-        """Split-input gradients of layer ``layer``'s heads: ``x`` its residual input ``[n, T, d_model]``,
-        ``grad_p`` the gradient of ``project(layer, norm(x, ln1))`` ``[n, T, 3, head, d_head]``; returns each head's
-        own q, k and v input gradient ``[3 * head, n, T, d_model]`` (part-major), i.e. ``W^T g`` of that head
-        through the norm's Jacobian, in closed form: with ``u = gamma * (W^T g)`` and ``xh = norm(x)`` before
-        its affine, LayerNorm's is ``(u - mean(u) - xh * mean(u * xh)) / scale``; RMS drops ``mean(u)``; the Pre
-        variants have gamma 1. The means are read off the small projections (``mean(u * xh) = g . (W gamma xh)
-        / d``), so the big tensor is written once and updated in place. Checked against autograd (tests)."""
-        L = self.layers[layer]
-        w = L.w_qkv.reshape(3, self.n_heads, self.d_head, self.d_model)
-        if L.ln1[0] is not None:
-            w = w * L.ln1[0]  # W diag(gamma)
-        out = torch.einsum("ntphe,phem->phntm", grad_p, w).flatten(0, 1)  # u: [3H, n, T, d_model]
-        if self.norm_type is None:
-            return out
-        xc, scale = self.norm_parts(x)
-        xh = xc / scale
-        d = self.d_model
-        b = (grad_p * F.linear(xh, w.flatten(0, 2)).view(grad_p.shape)).sum(-1)  # [n, T, 3, H]: d * mean(u xh)
-        b = b.permute(2, 3, 0, 1).flatten(0, 1)[..., None] / d
-        if self.norm_type in ("LN", "LNPre"):
-            a = (grad_p * w.sum(-1)).sum(-1).permute(2, 3, 0, 1).flatten(0, 1)[..., None] / d  # mean(u)
-            out.sub_(a)
-        return out.addcmul_(xh, b, value=-1).div_(scale)
-
     def rotate(self, layer: int, x: Tensor, positions: Tensor | None = None) -> Tensor:
         """``apply_rotary`` of x ``[..., pos, head_index, d_head]`` at absolute ``positions`` (``[pos]`` shared, or
         ``[n, pos]``; default ``0..pos-1``), with the layer's own rotary tables; identity without rotary."""
