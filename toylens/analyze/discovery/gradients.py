@@ -59,10 +59,9 @@ class EdgeGradients:
                 z = eng.attention(layer, eng.rotate(layer, q), eng.rotate(layer, k), v)
                 x = x + eng.head_outputs(layer, z).sum(0) + lay.b_o
                 if not g.attn_only:
-                    h2 = eng.norm(x, lay.ln2)
-                    h2 = x.view_as(x) if h2 is x else h2  # no norm: the MLP's own path, not the residual's
-                    keep.append(("mlp", layer, x, h2))
-                    x = x + eng.mlp(layer, h2)
+                    x_mlp = x.view_as(x)  # the MLP's own input: its gradient is the MLP path's alone
+                    keep.append(("mlp", layer, x, x_mlp))
+                    x = x + eng.mlp(layer, eng.norm(x_mlp, lay.ln2))
             keep.append(("logits", g.n_layers, x, x))
             value = r.value(eng.unembed.at(x, r.answer_pos, per_row=True))
             grads = torch.autograd.grad(value, [t for *_, t in keep])
@@ -72,9 +71,7 @@ class EdgeGradients:
                 self._attn(layer, x_in.detach(), grad)
                 d += 3 * g.n_heads
             elif kind == "mlp":
-                ln2 = eng.layers[layer].ln2
-                _, back = torch.func.vjp(lambda t, ln2=ln2: eng.norm(t, ln2), x_in.detach())
-                self._add(self.dense, d, back(grad)[0])
+                self._add(self.dense, d, grad)
                 d += 1
             else:
                 self._add(self.dense, d, grad)
