@@ -23,6 +23,21 @@ class UsageError(ValueError):
     """A command line that cannot work; the message is one line naming the override and the fix."""
 
 
+def one_line_warnings(prog: str) -> None:
+    """toylens's own warnings (a task file changed since the run, ...) as one line on stderr: ``prog: warning: ...``."""
+    import warnings
+
+    pkg = str(Path(__file__).resolve().parent)
+    plain = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(pkg):
+            return f"{prog}: warning: {' '.join(str(message).split())}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def fail(prog: str, msg: str, code: int = 2) -> None:
     print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(code)

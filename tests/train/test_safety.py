@@ -93,7 +93,7 @@ def test_python_api_accepts_a_task_name():
     cfg = TrainConfig(task="induction")
     validate(cfg)
     assert cfg.task.name == "induction"
-    with pytest.raises(ConfigError, match="not a known task"):
+    with pytest.raises(ConfigError, match="is not a task; did you mean induction"):
         validate(TrainConfig(task="inductoin"))
 
 

@@ -56,8 +56,13 @@ class Task:
     sequence, the model's minimum ``n_ctx``) and ``token_names`` (one label per token id, for plots).
     """
 
-    name: ClassVar[str]
-    config_cls: ClassVar[type[TaskConfig]]
+    name: ClassVar[str]  # default: the class name in lower case
+    config_cls: ClassVar[type[TaskConfig]] = TaskConfig  # default: no settings
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if not isinstance(cls.__dict__.get("name"), str) and not isinstance(getattr(cls, "name", None), str):
+            cls.name = cls.__name__.lower()
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -105,6 +110,11 @@ class Task:
         The loop evaluates it beside the held-out set (``eval/train_loss``, ``eval/train_accuracy``)."""
         return None
 
+    def pinned_config(self) -> TaskConfig:
+        """The config saved with a run, so the run rebuilds this task from any directory: relative file paths made
+        absolute, data files' hashes filled in (the sequences task); default: the config as given."""
+        return self.cfg
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -114,18 +124,15 @@ class Task:
         }
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: dict[str, type[Task]] = {}  # by name: the built-ins, and tasks registered with @register_task
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: add a Task subclass to the registry under ``cls.name``."""
-    if cls.name in TASKS:
-        raise ValueError(f"task {cls.name!r} registered twice")
+    """Class decorator: add a Task subclass to the registry under ``cls.name`` (the built-ins use it; so may a
+    user's module, though ``task=module:Class`` needs no decorator). Lookups: ``toylens.data.registry``."""
+    old = TASKS.get(cls.name)
+    if old is not None and old is not cls and old.__module__ != cls.__module__:  # the same module re-run: replaced
+        raise ValueError(f"task {cls.name!r} registered twice ({TASKS[cls.name].__module__} and {cls.__module__}); "
+                         f"rename one")
     TASKS[cls.name] = cls
     return cls
-
-
-def make_task(cfg: TaskConfig) -> Task:
-    if cfg.name not in TASKS:
-        raise KeyError(cfg.name)
-    return TASKS[cfg.name](cfg)

@@ -61,7 +61,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
         if cfg.out is not None:
             raise ConfigError(f"out={cfg.out} is only for model=pretrained; a run's report always goes to "
                               f"<run>/report, so drop out=")
-        run = load_run(cfg.run)
+        run = load_run(cfg.run, cfg.task_source)
         check_report_dir(run.path / "report")
         cfg.step = run.pin(cfg.step)  # read now: a run still training may prune it later
     except (ConfigError, RunError) as e:
@@ -170,6 +170,7 @@ def main() -> None:
         print(help_text())
         return
     register_configs()
+    _cli.one_line_warnings("toylens-analyze")
     try:
         _precheck(argv)
         _hydra_main()

@@ -93,6 +93,7 @@ class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
 class AnalyzeConfig:
     run: str | None = None  # the run directory toylens-train printed (required with model=run)
     step: int | None = None  # checkpoint step; null: the last
+    task_source: str | None = None  # a .py file holding the run's own task class when its file is gone or changed
     model: AnalyzeModelConfig = field(default_factory=AnalyzeModelConfig)  # model=run | model=pretrained
     over: str | None = None  # checkpoints: also analyse every saved checkpoint against the step (dynamics)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from toylens.data import TASKS, TaskConfig, make_task
+from toylens.data import TASKS, TaskConfig, TaskRefError, make_task, task_class, task_config
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int | None = 0  # torch intra-op threads; 0: auto (1 on a busy machine, else one per core); null: torch's
     resume: str | None = None  # a run directory to continue bit-for-bit
+    task_source: str | None = None  # resume=: a .py file holding the run's own task class when its file is gone
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = MISSING  # one of the task config dataclasses (toylens.data)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -105,9 +106,14 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
-        # The Python API accepts what the CLI accepts: task="induction" means that task's default config.
-        if isinstance(self.task, str) and self.task in TASKS:
-            self.task = TASKS[self.task].config_cls()
+        # The Python API accepts what the CLI accepts: task="induction" or task="parity.py:Parity" means that task's
+        # default config, found through the one registry (toylens.data.registry); also a Task subclass or its
+        # config, and the composed Hydra node of a user's task (a mapping with its name).
+        if self.task is not MISSING and self.task != MISSING and not isinstance(self.task, TaskConfig):
+            try:
+                self.task = task_config(self.task)
+            except TaskRefError as e:
+                raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,9 +125,11 @@ class TrainConfig:
         d.pop("hydra", None)
         task = d.get("task") or {}
         name = task.get("name")
-        if name not in TASKS:
-            raise ConfigError(f"task.name={name!r} is not a known task; choose one of {sorted(TASKS)}")
-        schema = OmegaConf.structured(cls(task=TASKS[name].config_cls()))
+        try:
+            task_cls = task_class(name, key="task.name")
+        except TaskRefError as e:
+            raise ConfigError(str(e)) from None
+        schema = OmegaConf.structured(cls(task=task_cls.config_cls(name=name)))
         try:
             merged = OmegaConf.merge(schema, d)
         except Exception as e:  # omegaconf's errors are multi-line; keep the first line
@@ -183,6 +191,22 @@ def register_configs() -> None:
         cs.store(group="task", name=f"{name}_schema", node=task_cls.config_cls)
 
 
+def register_task_option(value: str) -> None:
+    """Make ``task=<value>`` a Hydra option when ``value`` is a plugin or a reference (``module:Class``,
+    ``path/file.py:Class``): its config dataclass's defaults become the ``task.*`` keys. The node is a plain mapping
+    (the types are checked when the config is built, by the registry), so it pickles to any launcher's workers
+    without the user's class. Raises ConfigError (one line) when ``value`` selects no task."""
+    from hydra.core.config_store import ConfigStore
+
+    try:
+        cfg = task_config(value)
+    except TaskRefError as e:
+        raise ConfigError(str(e)) from None
+    group, _, name = f"task/{value}".rpartition("/")  # path/to/file.py:Class: Hydra looks in task/path/to
+    node = OmegaConf.to_container(OmegaConf.structured(cfg))
+    ConfigStore.instance().store(group=group, name=name, node=node, package="task")
+
+
 # --- validation --------------------------------------------------------------------------------
 _ACT_FNS = {"relu", "gelu", "silu", "gelu_new", "gelu_fast", "solu_ln", "gelu_pytorch_tanh"}
 _NORMS = {None, "LN", "LNPre", "RMS", "RMSPre"}
@@ -196,14 +220,14 @@ def _need(ok: bool, msg: str) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError (one line: field, problem, fix) for any value that cannot work."""
-    if not isinstance(cfg.task, TaskConfig) or cfg.task.name not in TASKS:
-        name = getattr(cfg.task, "name", cfg.task)
-        raise ConfigError(f"task={name!r} is not a known task; choose one of {sorted(TASKS)}")
+    if not isinstance(cfg.task, TaskConfig):
+        raise ConfigError(f"task={cfg.task!r} is not a task config; choose a task (task=<name> or module:Class)")
     try:
         task = make_task(cfg.task)  # task configs validate their own fields (raising ValueError)
     except (ValueError, TypeError) as e:
         msg = " ".join(str(e).split())
         raise ConfigError(msg if msg.startswith("task") else f"task ({cfg.task.name}): {msg}") from None
+    check_task_contract(task, cfg.device)
     m, o, t, lg = cfg.model, cfg.optim, cfg.train, cfg.logger
     for key in ("n_layers", "d_model", "n_heads", "d_head"):
         _need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
@@ -273,6 +297,17 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.device == "auto" or cfg.device.split(":")[0] in {"cpu", "cuda", "mps"},
           f"device={cfg.device!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
     check_memory(cfg, task.d_vocab, task.seq_len)
+
+
+def check_task_contract(task, device: str = "cpu") -> None:
+    """The Task contract on samples of ``task`` (toylens.data.contract), before step 0: ConfigError (one line
+    naming the method and the rule) when it is broken. Sampled on the CPU: it checks the task, not the device."""
+    from toylens.data.contract import TaskContractError, check_task
+
+    try:
+        check_task(task)
+    except TaskContractError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --- memory: estimated before anything is allocated ---------------------------------------------

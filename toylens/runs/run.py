@@ -164,8 +164,12 @@ class Run:
                            f"({_one_line(e, 200)}); restore the file written by toylens-train") from None
 
 
-def load_run(path: str | Path) -> Run:
-    """Read a run directory written by ``toylens-train`` (raises ``RunError``, one line, on any problem)."""
+def load_run(path: str | Path, task_source: str | Path | None = None) -> Run:
+    """Read a run directory written by ``toylens-train`` (raises ``RunError``, one line, on any problem).
+
+    A run of the user's own task loads that task's class again from the file or module it recorded
+    (``task_source.json``); ``task_source``: a .py file to load it from instead (e.g. ``<run>/task_source.py``, the
+    copy saved with the run). See ``toylens.runs.task_source``."""
     p = Path(path).expanduser().resolve()
     hint = "pass run=<the directory toylens-train printed>"
     if not p.exists():
@@ -175,6 +179,12 @@ def load_run(path: str | Path) -> Run:
     cfg_path = p / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise RunError(f"{p}: not a toylens run directory (no .hydra/config.yaml); {hint}")
+    from toylens.runs.task_source import TaskSourceError, restore_task
+
+    try:
+        restore_task(p, task_source)
+    except TaskSourceError as e:
+        raise RunError(str(e)) from None
     config = _read_train_config(cfg_path)
     model_config = _read_model_config(p / "model_config.json")
     steps = ck.list_checkpoints(p)

@@ -50,6 +50,35 @@ def _remove_if_empty(run_dir: Path) -> None:
             break
 
 
+def _task_options(argv: list[str]) -> list[str]:
+    """Register ``task=<plugin or reference>`` (each value of a sweep too) as Hydra options before Hydra composes
+    (``runs.config.register_task_option``); returns argv with absolute file paths made relative to the working
+    directory (Hydra's option names cannot start with /)."""
+    import os
+
+    from toylens.refs import is_file_ref
+
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") == "task" and not a.startswith("-"):
+            values = value.split(",")  # task=a.py:A,b.py:B in a sweep (a path holding a comma is not supported)
+            fixed = []
+            for v in values:
+                v = v.strip()
+                if is_file_ref(v) and os.path.isabs(os.path.expanduser(v)):
+                    path, attr = v.rsplit(":", 1)
+                    v = f"{os.path.relpath(os.path.expanduser(path))}:{attr}"
+                if v and not (config_dir() / "task" / f"{v}.yaml").is_file():
+                    from toylens.runs.config import register_task_option
+
+                    register_task_option(v)
+                fixed.append(v)
+            a = f"{key}={','.join(fixed)}"
+        out.append(a)
+    return out
+
+
 def _precheck(argv: list[str]) -> list[str]:
     """Compose, type-check and validate the command line as Hydra will; returns argv to hand to Hydra
     (``resume=`` gets ``hydra.run.dir=<that run>`` so Hydra creates no new directory)."""
@@ -175,8 +204,9 @@ def main() -> None:
         print(help_text())
         return
     register_configs()
+    _cli.one_line_warnings(PROG)
     try:
-        sys.argv = [sys.argv[0], *_precheck(argv)]
+        sys.argv = [sys.argv[0], *_precheck(_task_options(argv))]
         _hydra_main()
     except (ConfigError, _cli.UsageError) as e:
         _cli.fail(PROG, str(e), 2)

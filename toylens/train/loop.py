@@ -3,6 +3,7 @@ CLI calls and what tests call directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -221,7 +222,12 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[
     elif cfg.resume:
         ck.truncate_metrics(run_dir, 0)
     else:
-        resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        from toylens.runs.task_source import write_task_source
+
+        # the task as it rebuilds from any directory (absolute paths, data hashes), and where its code came from
+        saved = dataclasses.replace(cfg, task=task.pinned_config())
+        write_task_source(run_dir, task)
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(saved))
         ck.write_text(run_dir / ".hydra" / "config.yaml", resolved)
         if overrides is not None:
             ck.write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))

@@ -19,7 +19,7 @@ from toylens.runs.config import ConfigError, TrainConfig, read_saved_config
 CHANGEABLE = (
     "train.steps", "train.stop_at_eval_loss", "train.stop_at_accuracy", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.log_every", "train.progress", "device", "threads",
-    "resume", "checkpoint_root", "logger.", "optim.schedule_steps",
+    "resume", "checkpoint_root", "logger.", "optim.schedule_steps", "task_source",
 )
 
 
@@ -52,11 +52,17 @@ def _changeable(key: str) -> bool:
     return any(key == c or (c.endswith(".") and key.startswith(c)) for c in CHANGEABLE)
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
+def load_run_config(run_dir: Path, task_source: str | None = None) -> TrainConfig:
     """The run's saved config, read without resolving interpolations (toylens saved it resolved)."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"resume={run_dir}: no {path.relative_to(run_dir)} there; pass a toylens run directory")
+    from toylens.runs.task_source import TaskSourceError, restore_task
+
+    try:
+        restore_task(Path(run_dir), task_source)
+    except TaskSourceError as e:
+        raise ConfigError(f"resume={run_dir}: {e}") from None
     try:
         return TrainConfig.from_dict(read_saved_config(path))
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
@@ -73,7 +79,7 @@ def schedule_length(cfg: TrainConfig, state: dict | None) -> int:
     if state is not None and state.get("schedule_steps"):
         return int(state["schedule_steps"])
     if cfg.resume:
-        return load_run_config(Path(cfg.resume)).train.steps
+        return load_run_config(Path(cfg.resume), cfg.task_source).train.steps
     return cfg.train.steps
 
 
@@ -119,7 +125,7 @@ def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> Trai
     run_dir = Path(requested.resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise ConfigError(f"resume={requested.resume}: no such directory; pass an existing run directory")
-    saved = load_run_config(run_dir)
+    saved = load_run_config(run_dir, requested.task_source)
     prefixes = [""] if explicit is None else explicit
     req, old = _leaves(requested.to_dict()), _leaves(saved.to_dict())
     merged = dict(old)

@@ -1,0 +1,138 @@
+"""Where a run's task came from, recorded with the run so it rebuilds in a fresh process, from any directory.
+
+A run of a built-in task records nothing more than its config. A run of the user's own task (``task=file.py:Class``,
+``task=module:Class``, an installed plugin, or a class registered from the user's module) also writes
+
+  task_source.json   the task's ``Origin`` (toylens.refs): canonical reference, kind, module, file, SHA-256,
+                     the plugin's distribution, and the name its config carries
+  task_source.py     a copy of the file the class was defined in, as it was when training started
+
+``restore_task`` (called by ``load_run`` and ``resume=``) loads the class again from the recorded file or module, or
+from ``task_source=<file>`` when given. A file that is gone is an error naming the saved copy; a file whose hash
+changed is loaded with a warning giving both hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+SOURCE_JSON = "task_source.json"
+SOURCE_COPY = "task_source.py"
+
+
+class TaskSourceError(ValueError):
+    """The run's task cannot be loaded again; one line naming the file and how to point at it."""
+
+
+class TaskSourceChanged(UserWarning):
+    """The run's task file changed since the run started; it is used as it is now."""
+
+
+def write_task_source(run_dir: Path, task) -> dict | None:
+    """Record where ``task``'s class came from (nothing for a built-in); returns the record."""
+    from toylens.data.registry import task_origin
+    from toylens.refs import sha256_file
+    from toylens.runs import checkpoint as ck
+
+    origin = task_origin(type(task))
+    if origin.kind == "builtin":
+        return None
+    record = {"toylens_task_source": 1, "name": task.cfg.name, **origin.to_dict(), "copy": None}
+    path = Path(origin.path) if origin.path else None
+    if path is not None and path.is_file() and origin.kind != "main":
+        data = path.read_bytes()
+        ck.atomic_write(Path(run_dir) / SOURCE_COPY, ck._write_bytes(data))
+        record["copy"] = SOURCE_COPY
+        if origin.sha256 and sha256_file(path) != origin.sha256:
+            warnings.warn(f"{path} changed after it was imported; task_source.py holds the file as it is now",
+                          TaskSourceChanged, stacklevel=2)
+            record["sha256"] = sha256_file(path)
+    ck.write_json(Path(run_dir) / SOURCE_JSON, record)
+    return record
+
+
+def read_task_source(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / SOURCE_JSON
+    if not p.exists():
+        return None
+    try:
+        record = json.loads(p.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+            raise ValueError("no task name")
+    except (OSError, ValueError) as e:
+        raise TaskSourceError(f"{p}: unreadable ({' '.join(str(e).split())[:120]}); restore the file toylens-train "
+                              f"wrote") from None
+    return record
+
+
+def restore_task(run_dir: Path, task_source: str | Path | None = None) -> dict | None:
+    """Load the run's own task class again and register it under the name its config carries (see the module's
+    docstring); returns the record (None for a built-in task). ``task_source``: a .py file to load the class from
+    instead (e.g. ``<run>/task_source.py``)."""
+    from toylens.data.registry import PLUGIN_GROUP, remember, task_class
+    from toylens.refs import Origin, RefError, entry_points, load_file, load_module_ref, sha256_file
+
+    run_dir = Path(run_dir)
+    record = read_task_source(run_dir)
+    if record is None:
+        if task_source is not None:
+            raise TaskSourceError(f"task_source={task_source}: {run_dir} trained a built-in task; drop task_source")
+        return None
+    origin = Origin.from_dict(record)
+    name, attr, kind = record["name"], origin.attr or "", origin.kind
+    copy = run_dir / SOURCE_COPY
+    point = (f"pass task_source={copy} (the copy saved with the run, sha256 {str(origin.sha256)[:12]})"
+             if copy.is_file() else "pass task_source=<a .py file defining it>")
+    try:
+        if task_source is not None:
+            src = Path(task_source).expanduser().absolute()
+            if not src.is_file():
+                raise TaskSourceError(f"task_source={task_source}: no such file; {point}")
+            cls, _ = load_file(src, attr, key="task_source", ref=f"{src}:{attr}")
+            if origin.sha256 and sha256_file(src) != origin.sha256:
+                _changed(src, origin.sha256, sha256_file(src), name, copy)
+        elif kind == "file":
+            path = Path(origin.path or "")
+            if not path.is_file():
+                raise TaskSourceError(f"task {name}: the file {path} is gone; put it back or {point}")
+            cls, _ = load_file(path, attr, key="task", ref=name)
+            _check_hash(path, origin.sha256, name, copy)
+        elif kind == "entry_point" and name not in entry_points(PLUGIN_GROUP):
+            raise TaskSourceError(f"task {name}: the package {origin.dist} that provided it ({PLUGIN_GROUP} entry "
+                                  f"point {name} = {origin.module}:{attr}) is not installed here; install it, or "
+                                  f"{point}")
+        elif kind in ("module", "entry_point"):
+            try:
+                cls = task_class(name) if kind == "entry_point" else \
+                    load_module_ref(origin.module or "", attr, key="task", ref=name)[0]
+            except (RefError, ValueError) as e:
+                what = f"the package {origin.dist}" if kind == "entry_point" else f"the module {origin.module}"
+                raise TaskSourceError(f"task {name}: {what} cannot be imported here ({' '.join(str(e).split())[:160]}"
+                                      f"); install it or run from its folder, or {point}") from None
+            path = Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
+            if path.is_file():
+                _check_hash(path, origin.sha256, name, copy)
+        else:  # "main": a class defined in a notebook or a script's __main__
+            raise TaskSourceError(f"task {name} was defined in __main__ (a notebook or script), which another process "
+                                  f"cannot import; pass task_source=<a .py file defining {attr}>")
+    except RefError as e:
+        raise TaskSourceError(f"{' '.join(str(e).split())}; {point}") from None
+    remember(cls, Origin(**{**origin.to_dict(), "ref": name}))
+    return record
+
+
+def _check_hash(path: Path, recorded: str | None, name: str, copy: Path) -> None:
+    from toylens.refs import sha256_file
+
+    now = sha256_file(path)
+    if recorded and now != recorded:
+        _changed(path, recorded, now, name, copy)
+
+
+def _changed(path: Path, was: str, now: str, name: str, copy: Path) -> None:
+    use = f"; pass task_source={copy} to use the run's own copy" if copy.is_file() else ""
+    warnings.warn(f"task {name}: {path} changed since the run (sha256 was {was[:12]}, now {now[:12]}); using it as it "
+                  f"is now{use}", TaskSourceChanged, stacklevel=3)
