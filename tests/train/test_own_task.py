@@ -222,3 +222,36 @@ def test_an_installed_plugin_task_trains_and_reloads_by_its_name(tmp_path):
     assert p.stdout.split() == ["parity_pkg", "6"]
     p = _python(code, cwd=run)  # the package uninstalled: one line naming it and the saved copy
     assert p.returncode == 1 and "parity-pkg==0.1" in p.stderr and "task_source=" in p.stderr
+
+
+def test_a_task_registered_from_the_users_module_reloads_in_a_fresh_process(tmp_path, monkeypatch):
+    """The notebook way: ``import parity_mod`` (it registers its class), then ``train(TrainConfig(task="parity_mod"))``
+    in Python; the run reloads elsewhere although that module is not importable there."""
+    from toylens.data import TASKS
+    from toylens.runs.config import LoopConfig, ModelConfig, TrainConfig
+    from toylens.train.loop import train
+
+    src = PARITY.replace("class Parity(Task):\n    name = \"parity\"",
+                         "@register_task\nclass Parity(Task):\n    name = \"parity_mod\"")
+    src = src.replace("from toylens.data import Batch, Task, TaskConfig",
+                      "from toylens.data import Batch, Task, TaskConfig, register_task")
+    (tmp_path / "parity_mod.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import parity_mod  # noqa: F401
+
+        cfg = TrainConfig(name="mod", checkpoint_root=str(tmp_path / "ck"), device="cpu", task="parity_mod",
+                          model=ModelConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64),
+                          train=LoopConfig(batch_size=16, steps=10, eval_every=10, eval_size=32, checkpoint_every=10,
+                                           progress=False))
+        run = train(cfg).run_dir
+    finally:
+        TASKS.pop("parity_mod", None)
+        sys.modules.pop("parity_mod", None)
+    rec = json.loads((run / "task_source.json").read_text())
+    assert (rec["kind"], rec["name"], rec["module"]) == ("module", "parity_mod", "parity_mod")
+    away = tmp_path / "away"
+    away.mkdir()
+    p = _python(f"import toylens; r = toylens.load_run({str(run)!r}); print(r.task.name, r.task.seq_len)", cwd=away)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["parity_mod", "8"]

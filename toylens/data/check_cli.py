@@ -54,8 +54,8 @@ def check(argv: list[str]) -> str:
     toks = " ".join(names[i] for i in b.tokens[0].tolist())
     answers = ", ".join(f"{p}:{names[t]}" for p, t in zip(b.loss_mask[0].nonzero().flatten().tolist(),
                                                             b.targets[0][b.loss_mask[0]].tolist(), strict=True))
-    lines = [f"task {task.name} ({cfg.name}): d_vocab {task.d_vocab}, seq_len {task.seq_len}, "
-             "corrupt() " + ("offered" if offers_corrupt(task) else "not offered (patching, tracing, discovery left out)"),
+    pairs = "offered" if offers_corrupt(task) else "not offered (patching, tracing, discovery left out)"
+    lines = [f"task {task.name} ({cfg.name}): d_vocab {task.d_vocab}, seq_len {task.seq_len}, corrupt() {pairs}",
              *(f"  PASS  {rule}" for rule in passed),
              f"sample 0: {toks}", f"  loss positions -> targets: {answers}"]
     return "\n".join(lines)

@@ -128,7 +128,8 @@ def check_task(task: Task, device: str | torch.device = "cpu") -> list[str]:
                   "return corrupted counterparts that differ from the clean batch (or do not define corrupt)")
         passed.append("corrupt")
     for label, logits in (("random", torch.randn(*tb.tokens.shape, task.d_vocab, generator=gen(2), device=dev)),
-                          ("perfect", torch.nn.functional.one_hot(tb.targets, task.d_vocab).float() * 10)):
+                          ("perfect", torch.nn.functional.one_hot(torch.where(tb.loss_mask, tb.targets, 0),
+                                                                 task.d_vocab).float() * 10)):
         acc = _call(task, "accuracy()", task.accuracy, logits, tb)
         try:
             v = float(acc)

@@ -109,7 +109,7 @@ class TrainConfig:
         # The Python API accepts what the CLI accepts: task="induction" or task="parity.py:Parity" means that task's
         # default config, found through the one registry (toylens.data.registry); also a Task subclass or its
         # config, and the composed Hydra node of a user's task (a mapping with its name).
-        if self.task is not MISSING and self.task != MISSING and not isinstance(self.task, TaskConfig):
+        if not (isinstance(self.task, str) and self.task == MISSING):
             try:
                 self.task = task_config(self.task)
             except TaskRefError as e:

@@ -109,7 +109,12 @@ def restore_task(run_dir: Path, task_source: str | Path | None = None) -> dict |
                 cls = task_class(name) if kind == "entry_point" else \
                     load_module_ref(origin.module or "", attr, key="task", ref=name)[0]
             except (RefError, ValueError) as e:
-                what = f"the package {origin.dist}" if kind == "entry_point" else f"the module {origin.module}"
+                if kind == "module" and origin.path and Path(origin.path).is_file():  # not importable from here:
+                    cls = load_file(origin.path, attr, key="task", ref=name, module_name=origin.module)[0]  # its file
+                    _check_hash(Path(origin.path), origin.sha256, name, copy)
+                    remember(cls, Origin(**{**origin.to_dict(), "ref": name}))
+                    return record
+                what = f"the package {origin.dist}" if kind == "entry_point" else f"the module {origin.module}"  # gone
                 raise TaskSourceError(f"task {name}: {what} cannot be imported here ({' '.join(str(e).split())[:160]}"
                                       f"); install it or run from its folder, or {point}") from None
             path = Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
