@@ -56,6 +56,11 @@ def test_induction_section_equals_the_analysis(induction_run):
         assert scores["induction"] == pytest.approx(float(res.scores["induction"][layer, head]), abs=1e-5)
         assert scores["copying"] == pytest.approx(float(res.copying[layer, head]), abs=1e-4)
     assert d["circuit"]["line"] == res.circuit["line"]
+    for h in d["circuit"]["previous_token_heads"] + d["circuit"]["induction_heads"]:
+        assert h["head"] in d["circuit"]["line"]  # every carrier is named in the line
+    assert set(d["task_scores_by_head"]) == set(d["scores_by_head"])
+    cp = d["composition_patching"]
+    assert "skipped" in cp or {"K", "Q", "V", "relies_on"} <= set(cp)
     assert report.data["errors"] == []
     left = {x["analysis"]: x["reason"] for x in report.data["left_out"]}
     assert "modular_add" in left["fourier"] and "fourier" not in report.data

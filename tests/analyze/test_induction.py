@@ -157,3 +157,74 @@ def test_repeat_spec_fits_only_repeat_tasks():
     assert (tokens[:, 1:9] == tokens[:, 9:]).all() and tokens[:, 1:].min() >= 1 and tokens[:, 1:].max() <= 20
     spec, why = repeat_spec(make_task(TASKS["modular_add"].config_cls(p=7)))
     assert spec is None and "modular_add" in why and "repeated" in why
+
+
+def planted_split(scale=100.0, out=10.0):
+    """``planted`` with its previous-token head split in two: L0H0 and L0H1 each attend half to the previous
+    position and half to BOS (whose value is zero), each writing half the previous token; L1H0 reads their sum."""
+    m = planted(scale, out)
+    d_tok, d_pos = V, N
+    pos, prev = d_tok, d_tok + d_pos
+    eye = torch.eye(V)
+    with torch.no_grad():
+        for h in (0, 1):
+            a0 = m.blocks[0].attn
+            for name in ("W_Q", "W_K", "W_V", "W_O"):
+                getattr(a0, name)[h] = 0.0
+            for i in range(1, N):
+                a0.W_Q[h, pos + i, i] = scale
+                a0.W_K[h, pos + i - 1, i] = 1.0
+                a0.W_K[h, pos + 0, i] = 1.0  # BOS ties with the previous position: half the attention each
+            a0.W_V[h, 1:V, 1:V] = eye[1:, 1:]  # BOS (token 0) carries no value
+            a0.W_O[h, :V, prev:prev + V] = eye
+    return m.eval()
+
+
+def test_split_previous_token_heads_are_both_named():
+    from toylens.analyze.induction import CARRIER_MIN, CARRIER_SHARE
+
+    m = planted_split()
+    res = induction_circuit(m, SPEC, n_rows=200, seed=1, chunk_size=100)
+    s = res.scores["previous_token"]
+    # half the attention on the previous position, except at q = 1 where the previous position is BOS itself
+    want = (1.0 + 0.5 * (N - 2)) / (N - 1)
+    assert float(s[0, 0]) == pytest.approx(want, abs=1e-3) and float(s[0, 1]) == pytest.approx(want, abs=1e-3)
+    c = res.circuit
+    assert [h["head"] for h in c["previous_token_heads"]] in (["L0H0", "L0H1"], ["L0H1", "L0H0"])
+    assert c["previous_token_split"] and not c["induction_split"]
+    assert [h["head"] for h in c["induction_heads"]] == ["L1H0"]
+    line = c["line"]
+    assert line.startswith("previous-token attention split: L0H")
+    assert "L0H0 0.54" in line and "L0H1 0.54" in line and "L1H0 (induction" in line
+    assert "L0H0→L1H0" in line and "L0H1→L1H0" in line and "composition K/Q/V" in line
+    assert {(p["src"], p["dst"]) for p in c["pairs"]} == {("L0H0", "L1H0"), ("L0H1", "L1H0")}
+    assert str(CARRIER_SHARE) in c["rule"] and str(CARRIER_MIN) in c["rule"]
+    assert res.repeated_half_loss < 0.5  # the two halves together still make the circuit work
+
+
+def test_carriers_rule():
+    from toylens.analyze.induction import carriers
+
+    labels = ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2"]
+    got = carriers(labels, torch.tensor([[0.45, 0.51, 0.2], [0.9, 0.1, 0.1]]), range(1))
+    assert [h["head"] for h in got] == ["L0H1", "L0H0"]  # 0.2 < 0.5 x 0.51; layer 1 not asked for
+    weak = carriers(labels, torch.full((2, 3), 0.1), range(1))
+    assert len(weak) == 1 and weak[0]["weak"]
+
+
+def test_composition_patching_finds_k_composition():
+    from toylens.analyze.induction import composition_patching, induction_pairs
+
+    task = make_task(TASKS["induction"].config_cls(n_symbols=V - 1, half_len=L, layout="fixed"))
+    m = planted()
+    res = induction_circuit(m, SPEC, n_rows=100, seed=1)
+    pairs = induction_pairs(task, 64, 0)
+    assert (pairs.answers[:, 0, 0] != pairs.answers[:, 1, 0]).all()
+    p = composition_patching(m, pairs, res.circuit)
+    assert p["relies_on"] == "K" and p["K"]["recovered"] < 0.2 and p["V"]["recovered"] > 0.9
+    # task-batch scores: the planted previous-token head is one on the task's rows too
+    batch = task.sample(64, torch.Generator().manual_seed(0))
+    res = induction_circuit(m, SPEC, n_rows=50, seed=1, task_batch=batch)
+    assert float(res.task_scores["previous_token"][0, 1]) > 0.99
+    assert res.task_carriers["previous_token"][0]["head"] == "L0H1"
+    assert "task_scores_by_head" in res.to_dict()

@@ -110,6 +110,8 @@ class InductionResult(Result):
     icl_early_pos: int = 0
     icl_late_pos: int = 0
     circuit: dict = field(default_factory=dict)
+    task_scores: dict[str, Tensor] | None = None  # previous_token / induction on the task's own batch
+    task_carriers: dict = field(default_factory=dict)  # {"previous_token": [...], "induction": [...]}, same rule
 
     @property
     def icl_score(self) -> float:
@@ -134,6 +136,9 @@ class InductionResult(Result):
                                    "copying": float(self.copying.reshape(-1)[i]),
                                    "copying_signed": float(self.copying_signed.reshape(-1)[i])}
                                for i, h in enumerate(self.head_labels)}
+        if self.task_scores is not None:
+            d["task_scores_by_head"] = {h: {n: float(s.reshape(-1)[i]) for n, s in self.task_scores.items()}
+                                        for i, h in enumerate(self.head_labels)}
         d.update(icl_score=self.icl_score, repeated_half_loss=self.repeated_half_loss,
                  first_half_loss=self.first_half_loss)
         return d
@@ -165,9 +170,43 @@ class InductionResult(Result):
         return figs
 
 
-def name_circuit(head_labels: list[str], scores: dict[str, Tensor], composition: Tensor) -> dict:
-    """The induction head (highest ``induction`` score in layer >= 1), its K-composition partner (the
-    earlier head with the largest K-composition into it) and the one-line name of the pair."""
+# A function is carried by every head scoring at least CARRIER_SHARE of the best head's score and at least
+# CARRIER_MIN absolute: a previous-token attention split 0.45 / 0.51 over two heads names both, never just the top.
+CARRIER_SHARE, CARRIER_MIN = 0.5, 0.2
+CARRIER_RULE = (f"a head carries a function when its score is ≥ {CARRIER_SHARE:g} × the best head's and ≥ "
+                f"{CARRIER_MIN:g}")
+
+
+def carriers(head_labels: list[str], score: Tensor, layers: range) -> list[dict]:
+    """Heads of ``layers`` carrying the score ``[layer, head_index]`` by ``CARRIER_RULE``, best first; the best
+    head alone (``"weak": True``) when none reaches ``CARRIER_MIN``."""
+    n_heads = score.shape[1]
+    cand = [(float(score[lay, h]), lay * n_heads + h) for lay in layers for h in range(n_heads)
+            if math.isfinite(float(score[lay, h]))]
+    if not cand:
+        return []
+    cand.sort(key=lambda c: -c[0])
+    top = cand[0][0]
+    chosen = [c for c in cand if c[0] >= CARRIER_SHARE * top and c[0] >= CARRIER_MIN]
+    if not chosen:
+        return [{"head": head_labels[cand[0][1]], "score": top, "weak": True}]
+    return [{"head": head_labels[i], "score": v} for v, i in chosen]
+
+
+def _heads_text(heads: list[dict], what: str, split: str) -> str:
+    if len(heads) == 1:
+        return f"{heads[0]['head']} ({what} {heads[0]['score']:.2f})"
+    return f"{split} split: " + ", ".join(f"{h['head']} {h['score']:.2f}" for h in heads)
+
+
+def name_circuit(head_labels: list[str], scores: dict[str, Tensor], composition: Tensor | dict[str, Tensor]) -> dict:
+    """The circuit: every previous-token head and every induction head (``carriers``; layer >= 1 for induction,
+    earlier layers for previous-token), the Q/K/V composition of each (previous-token head, induction head) pair,
+    and the one-line name naming all of them ("split" where several heads share a function). Also the top
+    induction head and its K-composition partner (the earlier head composing most into it), as before.
+    ``composition``: ``{"K", "Q", "V"}`` scores ``[layer, head_index, layer, head_index]`` (a tensor: K only)."""
+    comps = composition if isinstance(composition, dict) else {"K": composition}
+    kc = comps["K"]
     n_layers, n_heads = scores["induction"].shape
     if n_layers < 2:
         return {"line": "one layer: no head can compose with an earlier one, so no induction circuit",
@@ -176,12 +215,12 @@ def name_circuit(head_labels: list[str], scores: dict[str, Tensor], composition:
     ind[0] = -math.inf
     flat = int(ind.reshape(-1).argmax())
     il, ih = divmod(flat, n_heads)
-    comp = composition[:il, :, il, ih]  # every earlier head into the induction head
+    comp = kc[:il, :, il, ih]  # every earlier head into the induction head
     pflat = int(comp.reshape(-1).argmax())
     pl, ph = divmod(pflat, n_heads)
     prev = torch.nan_to_num(scores["previous_token"][:il].clone(), nan=-1.0)
     best_prev = int(prev.reshape(-1).argmax())
-    pair = composition[:il, :, il:, :]  # earlier -> this and later layers, for a baseline
+    pair = kc[:il, :, il:, :]  # earlier -> this and later layers, for a baseline
     out = {
         "induction_head": head_labels[flat], "induction_score": float(scores["induction"][il, ih]),
         "partner_head": head_labels[pflat], "k_composition": float(comp[pl, ph]),
@@ -190,11 +229,59 @@ def name_circuit(head_labels: list[str], scores: dict[str, Tensor], composition:
         "mean_k_composition_into_later_layers": float(pair[pair != 0].mean()) if bool((pair != 0).any()) else 0.0,
     }
     out["partner_is_previous_token_head"] = out["partner_head"] == out["best_previous_token_head"]
-    out["line"] = (f"{out['partner_head']} (previous token {out['partner_previous_token_score']:.2f}) → "
-                   f"K-composition {out['k_composition']:.2f} → {out['induction_head']} "
-                   f"(induction {out['induction_score']:.2f})")
+    ind_heads = carriers(head_labels, scores["induction"], range(1, n_layers))
+    last = max(int(h["head"][1:].split("H")[0]) for h in ind_heads)
+    prev_heads = carriers(head_labels, scores["previous_token"], range(last))
+    out.update(rule=CARRIER_RULE, previous_token_heads=prev_heads, induction_heads=ind_heads,
+               previous_token_split=len(prev_heads) > 1, induction_split=len(ind_heads) > 1)
+
+    def at(name: str) -> tuple[int, int]:
+        return divmod(head_labels.index(name), n_heads)
+
+    pairs = []
+    for p in prev_heads:
+        for q in ind_heads:
+            (a, b), (c, d) = at(p["head"]), at(q["head"])
+            if a < c:
+                pairs.append({"src": p["head"], "dst": q["head"],
+                              **{m: float(comps[m][a, b, c, d]) for m in ("K", "Q", "V") if m in comps}})
+    out["pairs"] = pairs
+    prev_t = _heads_text(prev_heads, "previous token", "previous-token attention")
+    ind_t = _heads_text(ind_heads, "induction", "induction")
+    if len(pairs) == 1:
+        out["line"] = f"{prev_t} → K-composition {pairs[0]['K']:.2f} → {ind_t}"
+    else:
+        modes = [m for m in ("K", "Q", "V") if m in comps]
+        out["line"] = (f"{prev_t} → {ind_t}; composition {'/'.join(modes)}: " + ", ".join(
+            f"{e['src']}→{e['dst']} " + "/".join(f"{e[m]:.2f}" for m in modes) for e in pairs))
     out["found"] = True
     return out
+
+
+@torch.no_grad()
+def task_batch_scores(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], loss_mask: Tensor,
+                      chunk_size: int = 250) -> dict[str, Tensor]:
+    """``previous_token`` and ``induction`` scores ``[layer, head_index]`` on the task's own batch: previous-token
+    over every query, induction (attention to the token after an earlier copy of the query's token) over the
+    queries the loss is scored at (``loss_mask``), where the task's answer is that token."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    names = ("previous_token", "induction")
+    sums = {n: torch.zeros(n_layers, n_heads) for n in names}
+    counts = {n: torch.zeros(n_layers) for n in names}
+    for start in range(0, len(tokens), chunk_size):
+        rows = tokens[start:start + chunk_size].to(model.cfg.device)
+        base = score_masks(rows)
+        masks = {"previous_token": base["previous_token"],
+                 "induction": base["induction"] & loss_mask[start:start + chunk_size, :, None].to(rows.device)}
+
+        def hook(pattern, hook, rows=rows, masks=masks):
+            for name, (s, c) in head_score_sums(pattern.float(), rows, masks).items():
+                sums[name][hook.layer()] += s.cpu()
+                counts[name][hook.layer()] += c.cpu()
+
+        model.run_with_hooks(rows, fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", hook) for i in range(n_layers)])
+    return {n: torch.where(counts[n][:, None] > 0, sums[n] / counts[n][:, None].clamp(min=1),
+                           torch.full_like(sums[n], math.nan)) for n in names}
 
 
 @torch.no_grad()
@@ -227,8 +314,11 @@ def repeat_scores(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], sp
 @torch.no_grad()
 def induction_circuit(model: HookedTransformer, spec: RepeatSpec, n_rows: int = 1000, seed: int = 0,
                       folded: HookedTransformer | None = None, chunk_size: int = 250,
-                      progress: bool = False) -> InductionResult:
+                      progress: bool = False, task_batch=None) -> InductionResult:
     """Every score of the module docstring for ``model`` on ``n_rows`` repeated random sequences.
+
+    ``task_batch``: a ``Batch`` of the run's task; when given, the previous-token and induction scores are also
+    read on it (``task_batch_scores``) and their carriers listed by the same rule (``task_carriers``).
 
     ``folded``: the LayerNorm-folded model the weight-based scores (copying, composition) are read
     from (default: ``model`` itself, right when it has no LayerNorm).
@@ -242,8 +332,63 @@ def induction_circuit(model: HookedTransformer, spec: RepeatSpec, n_rows: int = 
     composition = {m: w.all_composition_scores(m).cpu() for m in ("Q", "K", "V")}
     labels = model.all_head_labels()
     early, late = icl_positions(len(loss_by_pos))
+    task_scores, task_carriers = None, {}
+    if task_batch is not None:
+        task_scores = task_batch_scores(model, task_batch.tokens, task_batch.loss_mask, chunk_size)
+        ind = carriers(labels, task_scores["induction"], range(1, model.cfg.n_layers))
+        last = max([int(h["head"][1:].split("H")[0]) for h in ind] or [model.cfg.n_layers - 1])
+        task_carriers = {"previous_token": carriers(labels, task_scores["previous_token"], range(last)),
+                         "induction": ind}
     return InductionResult(
         head_labels=labels, scores=scores, copying=positive_eigenvalue_fraction(full_ov).cpu(),
         copying_signed=copying_scores(full_ov).cpu(), composition=composition, loss_by_pos=loss_by_pos,
         half_len=spec.half_len, start=spec.start, n_rows=n_rows, icl_early_pos=early, icl_late_pos=late,
-        circuit=name_circuit(labels, scores, composition["K"]))
+        circuit=name_circuit(labels, scores, composition), task_scores=task_scores, task_carriers=task_carriers)
+
+
+def induction_pairs(task, n_rows: int, seed: int):
+    """Clean/corrupted ``PromptPairs`` of an induction task: the clean row, its ``task.corrupt`` (the first copy
+    resampled), the answer at the second copy's last scored position; correct = the target, incorrect = the
+    token an induction head would copy from the corrupted first copy."""
+    from toylens.analyze.pairs import PromptPairs
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = task.sample(n_rows, gen)
+    corr = task.corrupt(clean, gen)
+    n = clean.tokens.shape[1]
+    pos = torch.arange(n)
+    last = torch.where(clean.loss_mask, pos, -1).max(1).values  # last scored position per row
+    rows = torch.arange(n_rows)
+    q_tok = clean.tokens[rows, last]
+    earlier = (clean.tokens == q_tok[:, None]) & (pos[None] < last[:, None]) & (pos[None] >= 1)
+    first = torch.where(earlier, pos, n).min(1).values  # the earlier copy of the query's token
+    wrong = corr.tokens[rows, (first + 1).clamp(max=n - 1)]
+    right = clean.targets[rows, last]
+    wrong = torch.where(wrong == right, (right % (task.d_vocab - 1)) + 1, wrong)
+    return PromptPairs(clean.tokens, corr.tokens, last, torch.stack([right, wrong], 1)[:, :, None])
+
+
+@torch.no_grad()
+def composition_patching(model: HookedTransformer, pairs, circuit: dict) -> dict:
+    """Which composition the induction heads rely on, by exact edge patching (``discovery.EdgeRunner``): the
+    logit difference kept when the edges from every previous-token head into the induction heads' keys (K), queries
+    (Q) or values (V) carry their corrupted value, as a share of clean minus all-corrupted (1 = nothing lost)."""
+    from toylens.analyze.discovery import EdgeRunner
+
+    runner = EdgeRunner(model, pairs, "logit_diff")
+    g = runner.graph
+    full = g.allowed.to(runner.A.dtype)
+    out = {"clean_logit_diff": float(runner.clean_value), "corrupted_logit_diff": float(runner.corrupted_value),
+           "n_prompts": pairs.batch_size}
+    srcs = [h["head"] for h in circuit.get("previous_token_heads", [])]
+    dsts = [h["head"] for h in circuit.get("induction_heads", [])]
+    for part, name in (("k", "K"), ("q", "Q"), ("v", "V")):
+        M = full.clone()
+        edges = [(s, f"{d}.{part}") for s in srcs for d in dsts if g.sources.index(s) < len(g.sources)
+                 and bool(g.allowed[g.sources.index(s), g.dests.index(f"{d}.{part}")])]
+        for s, d in edges:
+            M[g.index(s, d)] = 0
+        out[name] = {"edges": len(edges), "recovered": runner.recovered(runner.value(runner.forward(M)))}
+    lost = {m: 1 - out[m]["recovered"] for m in ("K", "Q", "V") if out[m]["edges"]}
+    out["relies_on"] = max(lost, key=lost.get) if lost and max(lost.values()) > 0.1 else None
+    return out

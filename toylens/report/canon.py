@@ -60,8 +60,9 @@ def induction(ctx) -> Section:
         return _skip(ctx, "induction", title, INDUCTION_INTRO, why)
     spec, _ = repeat_spec(ctx.run.task, ctx.model.cfg.n_ctx)
     folded, fold_note = _folded_model(ctx)
+    task_batch = ctx.run.batch(ctx.cfg.batch.size, ctx.cfg.batch.seed, device=ctx.device)
     res = induction_circuit(ctx.model, spec, n_rows=ctx.cfg.batch.size, seed=ctx.cfg.batch.seed, folded=folded,
-                            chunk_size=ctx.cfg.chunk_size, progress=ctx.cfg.progress)
+                            chunk_size=ctx.cfg.chunk_size, progress=ctx.cfg.progress, task_batch=task_batch)
     d = jsonable(res.to_dict())
     d["sequences"] = {"half_len": spec.half_len, "task_half_len": getattr(ctx.run.task.cfg, "half_len", None),
                       "bos": spec.bos, "symbols": [spec.low, spec.high - 1], "rows": res.n_rows}
@@ -69,11 +70,17 @@ def induction(ctx) -> Section:
     c = res.circuit
     blocks: list = []
     if c.get("found"):
-        kind = "pass" if c["induction_score"] >= 0.5 and c["partner_is_previous_token_head"] else "warn"
+        prev_names = {h["head"] for h in c["previous_token_heads"]}
+        kind = "pass" if c["induction_score"] >= 0.5 and c["partner_head"] in prev_names else "warn"
         blocks.append(Note(f"Circuit: {c['line']}.", kind))
-        if not c["partner_is_previous_token_head"]:
-            blocks.append(Note(f"The head composing most with {c['induction_head']} is not the strongest "
-                               f"previous-token head ({c['best_previous_token_head']}).", "warn"))
+        blocks.append(Note(_carriers_text(c, res.task_carriers), "info"))
+        if c["partner_head"] not in prev_names:
+            blocks.append(Note(f"The head composing most with {c['induction_head']} ({c['partner_head']}) is not "
+                               f"among the previous-token heads ({', '.join(sorted(prev_names))}).", "warn"))
+        patch = _composition_patching(ctx, c)
+        if patch is not None:
+            d["composition_patching"] = patch
+            blocks.append(_patching_note(patch))
     else:
         blocks.append(Note(c["line"], "warn"))
     if fold_note:
@@ -98,10 +105,18 @@ def induction(ctx) -> Section:
     ], caption=f"On {res.n_rows} sequences [BOS, x, x] with x of {spec.half_len} random symbols"))
     heads = d["scores_by_head"]
     names = [*INDUCTION_SCORES, "copying", "copying_signed"]
-    hl = {i for i, h in enumerate(res.head_labels) if h in (c.get("induction_head"), c.get("partner_head"))}
-    blocks.append(Table(["head", *names], [[h, *(heads[h][n] for n in names)] for h in res.head_labels],
-                        sortable=True, highlight=hl,
-                        caption="Per head (copying_signed: sum(λ)/sum(|λ|), as in the circuits section)"))
+    named = {c.get("induction_head"), c.get("partner_head"), *(h["head"] for h in c.get("previous_token_heads", [])),
+             *(h["head"] for h in c.get("induction_heads", []))}
+    hl = {i for i, h in enumerate(res.head_labels) if h in named}
+    task_heads = d.get("task_scores_by_head") or {}
+    tnames = [f"{n} (task batch)" for n in ("previous_token", "induction")] if task_heads else []
+    blocks.append(Table(["head", *names, *tnames],
+                        [[h, *(heads[h][n] for n in names),
+                          *((task_heads[h]["previous_token"], task_heads[h]["induction"]) if task_heads else ())]
+                         for h in res.head_labels], sortable=True, highlight=hl,
+                        caption="Per head, on repeated random sequences and (task batch) on the task's own batch: "
+                                "previous_token over every query, induction over the queries the loss is scored at "
+                                "(copying_signed: sum(λ)/sum(|λ|), as in the circuits section)"))
     n_layers, n_heads = res.copying.shape
     if n_layers >= 2:
         k = res.composition
@@ -113,6 +128,45 @@ def induction(ctx) -> Section:
     for name, fig in res.figures().items():
         blocks.append(Figure(name, _style(fig), wide=name.endswith("loss_by_pos")))
     return Section("induction", title, INDUCTION_INTRO, blocks)
+
+
+def _carriers_text(c: dict, task_carriers: dict) -> str:
+    def heads(hs):
+        return ", ".join(f"{h['head']} {h['score']:.2f}" + (" (weak)" if h.get("weak") else "") for h in hs) or "none"
+
+    out = (f"Rule: {c['rule']}. On repeated random sequences: previous-token "
+           f"{'split over ' if c['previous_token_split'] else ''}{heads(c['previous_token_heads'])}; induction "
+           f"{'split over ' if c['induction_split'] else ''}{heads(c['induction_heads'])}.")
+    if task_carriers:
+        out += (f" On the task's batch: previous-token {heads(task_carriers['previous_token'])}; induction "
+                f"{heads(task_carriers['induction'])}.")
+    return out
+
+
+def _composition_patching(ctx, c: dict) -> dict | None:
+    """Exact edge patching of the previous-token → induction edges into keys, queries and values (None when the
+    model is not on the fused engine or the task has no corruption)."""
+    from toylens.analyze.discovery import DiscoveryError
+    from toylens.analyze.induction import composition_patching, induction_pairs
+
+    try:
+        pairs = induction_pairs(ctx.run.task, min(ctx.cfg.batch.size, 256), ctx.cfg.batch.seed)
+        return composition_patching(ctx.model, pairs.to(ctx.device), c)
+    except (DiscoveryError, NotImplementedError, AttributeError) as e:
+        return {"skipped": str(e)}
+
+
+def _patching_note(p: dict) -> Note:
+    if "skipped" in p:
+        return Note(f"Composition patching skipped: {p['skipped']}.", "info")
+    parts = ", ".join(f"{m} edges ({p[m]['edges']}) keep {p[m]['recovered']:.0%}" for m in ("K", "Q", "V")
+                      if p[m]["edges"])
+    head = (f"The model relies on {p['relies_on']}-composition" if p["relies_on"]
+            else "No composition is needed (corrupting each kind keeps ≥ 90%)")
+    return Note(f"{head}: exact edge patching on {p['n_prompts']} task prompts (first copy resampled), with the "
+                f"edges from the previous-token heads into the induction heads' inputs corrupted, of the logit "
+                f"difference clean minus all-corrupted ({p['clean_logit_diff']:.2f} vs "
+                f"{p['corrupted_logit_diff']:.2f}): {parts}.", "pass" if p["relies_on"] else "info")
 
 
 def fourier(ctx) -> Section:
