@@ -29,7 +29,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODULES = {"toylens-train": "toylens.train.cli", "toylens-analyze": "toylens.report.cli",
-           "toylens-sweep-report": "toylens.sweep.cli", "toylens-sae": "toylens.report.sae_cli"}
+           "toylens-sweep-report": "toylens.sweep.cli", "toylens-sae": "toylens.report.sae_cli",
+           "toylens-check-task": "toylens.data.check_cli"}
+FILE = re.compile(r"^# file: (\S+)\n")  # a python block the reader saves as that file (a task, an analysis)
 TINY_TRAIN = ["train.steps=4", "train.batch_size=8", "train.eval_size=16", "train.eval_every=2",
               "train.checkpoint_every=2", "train.log_every=2", "train.progress=false"]
 TINY_ANALYZE = ["batch.size=24", "reference.size=24", "pairs.n=4", "tracing.prompts=2", "tracing.n_samples=1",
@@ -102,6 +104,8 @@ class Workspace:
             rest += TINY_ANALYZE
         elif name == "toylens-sae":
             rest += TINY_SAE
+        elif name == "toylens-check-task":
+            pass
         else:
             rest = TINY_SWEEP_REPORT + rest
         exe = BIN / name
@@ -159,6 +163,11 @@ def run_blocks(tmp_path: Path, which) -> list[str]:
     ws = Workspace(cwd, env)
     found = [b for b in blocks((REPO / "README.md").read_text()) if which(b[3])]
     skipped, failures = [], []
+    for lang, body, _, _ in found:  # the files the reader saves first: the commands name them
+        m = FILE.match(body)
+        if lang == "python" and m:
+            (cwd / m.group(1)).write_text(body)
+    found = [b for b in found if not (b[0] == "python" and FILE.match(b[1]))]
     for lang, body, line, _ in [b for b in found if b[0] == "bash"] + [b for b in found if b[0] == "python"]:
         try:
             if lang == "python":

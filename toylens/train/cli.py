@@ -180,28 +180,41 @@ Hydra's own options: --hydra-help, --cfg job, hydra.run.dir=<dir>.
 """
 
 
-def help_text() -> str:
+def help_text(argv: list[str] = ()) -> str:
+    """--help; with ``task=<name or reference>`` (or ``experiment=``) on the line, that task's own settings too."""
     from toylens.data import TASKS
+    from toylens.data.registry import plugin_names
     from toylens.runs.config import TrainConfig
 
     groups = _cli.groups_lines(config_dir(), ["experiment", "model", "task", "optim", "logger", "debug",
                                               "hydra/launcher"])
+    plugins = plugin_names()
+    groups.append(f"  {'task=':<16} {', '.join(plugins)} (installed plugins)" if plugins else
+                  f"  {'task=':<16} or your own: task=path/to/file.py:Class, task=package.module:Class")
     register_configs()
-    dcfg = _cli.compose(config_dir(), "train", [])
+    chosen = [a for a in argv if a.split("=", 1)[0].lstrip("+") in ("task", "experiment")]
+    dcfg = _cli.compose(config_dir(), "train", _task_options(chosen))
     with open_dict(dcfg):
         del dcfg["hydra"]
     cfg = OmegaConf.to_object(dcfg)  # the defaults as configs/train.yaml composes them
-    assert isinstance(cfg, TrainConfig) and cfg.task.name in TASKS
+    assert isinstance(cfg, TrainConfig)
     settings = [s for s in _cli.settings_lines(cfg) if not s.lstrip().startswith("task.")]
-    settings.append(f"  task.*                       the task's own settings (task={cfg.task.name}: "
-                    f"configs/task/{cfg.task.name}.yaml)")
+    where = f"configs/task/{cfg.task.name}.yaml" if cfg.task.name in TASKS else type(cfg.task).__name__
+    if chosen:
+        settings += [s for s in _cli.settings_lines(cfg) if s.lstrip().startswith("task.")]
+    else:
+        settings.append(f"  task.*                       the task's own settings (task={cfg.task.name}: {where}; "
+                        f"--help task=<name> lists them)")
     return HELP.format(groups="\n".join(groups), settings="\n".join(settings))
 
 
 def main() -> None:
     argv = sys.argv[1:]
     if any(a in _cli._HELP_FLAGS for a in argv):
-        print(help_text())
+        try:
+            print(help_text([a for a in argv if a not in _cli._HELP_FLAGS]))
+        except (ConfigError, _cli.UsageError) as e:
+            _cli.fail(PROG, str(e), 2)
         return
     register_configs()
     _cli.one_line_warnings(PROG)
