@@ -193,3 +193,13 @@ def test_toylens_train_refuses_a_broken_task_before_writing_anything(tmp_path):
     p = subprocess.run([*check, "tasks.py:Good", "nn=4"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "did you mean n?" in p.stderr
+
+
+def test_a_users_task_may_not_take_a_built_in_name(tmp_path):
+    from toylens.data import TaskRefError
+
+    (tmp_path / "clash.py").write_text("import torch\nfrom toylens.data import Batch, Task, TaskConfig\n"
+                                       + _GOOD_SOURCE.replace('name = "good"\n    config_cls', 'name = "copy"\n'
+                                                              '    config_cls'))
+    with pytest.raises(TaskRefError, match=r"a built-in task's name .*set name = \"my_copy\""):
+        task_class(f"{tmp_path / 'clash.py'}:Good")

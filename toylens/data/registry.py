@@ -45,6 +45,10 @@ def known_names() -> list[str]:
 def _check_class(obj: Any, key: str, ref: str) -> type[Task]:
     if not (isinstance(obj, type) and issubclass(obj, Task)):
         raise TaskRefError(f"{key}={ref}: {obj!r} is not a subclass of toylens.data.Task; point at your Task class")
+    builtin = TASKS.get(obj.name)
+    if builtin is not None and builtin is not obj and builtin.__module__.startswith("toylens."):
+        raise TaskRefError(f"{key}={ref}: {obj.__name__}.name is {obj.name!r}, a built-in task's name (analyses "
+                           f"and reports key on it); set name = \"my_{obj.name}\" on the class")
     cc = getattr(obj, "config_cls", None)
     if not (isinstance(cc, type) and dataclasses.is_dataclass(cc) and issubclass(cc, TaskConfig)):
         raise TaskRefError(f"{key}={ref}: {obj.__name__}.config_cls must be a @dataclass subclassing "
