@@ -72,8 +72,8 @@ def restore_task(run_dir: Path, task_source: str | Path | None = None) -> dict |
     """Load the run's own task class again and register it under the name its config carries (see the module's
     docstring); returns the record (None for a built-in task). ``task_source``: a .py file to load the class from
     instead (e.g. ``<run>/task_source.py``)."""
-    from toylens.data.registry import PLUGIN_GROUP, remember, task_class
-    from toylens.refs import Origin, RefError, entry_points, load_file, load_module_ref, sha256_file
+    from toylens.data.registry import remember
+    from toylens.refs import Origin, RefError
 
     run_dir = Path(run_dir)
     record = read_task_source(run_dir)
@@ -82,51 +82,73 @@ def restore_task(run_dir: Path, task_source: str | Path | None = None) -> dict |
             raise TaskSourceError(f"task_source={task_source}: {run_dir} trained a built-in task; drop task_source")
         return None
     origin = Origin.from_dict(record)
-    name, attr, kind = record["name"], origin.attr or "", origin.kind
     copy = run_dir / SOURCE_COPY
     point = (f"pass task_source={copy} (the copy saved with the run, sha256 {str(origin.sha256)[:12]})"
              if copy.is_file() else "pass task_source=<a .py file defining it>")
+    load = _LOADERS.get("given" if task_source is not None else origin.kind, _from_main)
     try:
-        if task_source is not None:
-            src = Path(task_source).expanduser().absolute()
-            if not src.is_file():
-                raise TaskSourceError(f"task_source={task_source}: no such file; {point}")
-            cls, _ = load_file(src, attr, key="task_source", ref=f"{src}:{attr}")
-            if origin.sha256 and sha256_file(src) != origin.sha256:
-                _changed(src, origin.sha256, sha256_file(src), name, copy)
-        elif kind == "file":
-            path = Path(origin.path or "")
-            if not path.is_file():
-                raise TaskSourceError(f"task {name}: the file {path} is gone; put it back or {point}")
-            cls, _ = load_file(path, attr, key="task", ref=name)
-            _check_hash(path, origin.sha256, name, copy)
-        elif kind == "entry_point" and name not in entry_points(PLUGIN_GROUP):
-            raise TaskSourceError(f"task {name}: the package {origin.dist} that provided it ({PLUGIN_GROUP} entry "
-                                  f"point {name} = {origin.module}:{attr}) is not installed here; install it, or "
-                                  f"{point}")
-        elif kind in ("module", "entry_point"):
-            try:
-                cls = task_class(name) if kind == "entry_point" else \
-                    load_module_ref(origin.module or "", attr, key="task", ref=name)[0]
-            except (RefError, ValueError) as e:
-                if kind == "module" and origin.path and Path(origin.path).is_file():  # not importable from here:
-                    cls = load_file(origin.path, attr, key="task", ref=name, module_name=origin.module)[0]  # its file
-                    _check_hash(Path(origin.path), origin.sha256, name, copy)
-                    remember(cls, Origin(**{**origin.to_dict(), "ref": name}))
-                    return record
-                what = f"the package {origin.dist}" if kind == "entry_point" else f"the module {origin.module}"  # gone
-                raise TaskSourceError(f"task {name}: {what} cannot be imported here ({' '.join(str(e).split())[:160]}"
-                                      f"); install it or run from its folder, or {point}") from None
-            path = Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
-            if path.is_file():
-                _check_hash(path, origin.sha256, name, copy)
-        else:  # "main": a class defined in a notebook or a script's __main__
-            raise TaskSourceError(f"task {name} was defined in __main__ (a notebook or script), which another process "
-                                  f"cannot import; pass task_source=<a .py file defining {attr}>")
+        cls, path = load(record["name"], origin, point, task_source)
     except RefError as e:
         raise TaskSourceError(f"{' '.join(str(e).split())}; {point}") from None
-    remember(cls, Origin(**{**origin.to_dict(), "ref": name}))
+    if path is not None and path.is_file():
+        _check_hash(path, origin.sha256, record["name"], copy)
+    remember(cls, Origin(**{**origin.to_dict(), "ref": record["name"]}))
     return record
+
+
+# One loader per kind of origin: (name, origin, how to point at a file, task_source) -> (class, its source file).
+def _from_given(name, origin, point, task_source):
+    from toylens.refs import load_file
+
+    src = Path(task_source).expanduser().absolute()
+    if not src.is_file():
+        raise TaskSourceError(f"task_source={task_source}: no such file; {point}")
+    return load_file(src, origin.attr or "", key="task_source", ref=f"{src}:{origin.attr}")[0], src
+
+
+def _from_file(name, origin, point, task_source):
+    from toylens.refs import load_file
+
+    path = Path(origin.path or "")
+    if not path.is_file():
+        raise TaskSourceError(f"task {name}: the file {path} is gone; put it back or {point}")
+    return load_file(path, origin.attr or "", key="task", ref=name)[0], path
+
+
+def _from_module(name, origin, point, task_source):
+    """The module by its name (the working directory is searched too), else its recorded file."""
+    from toylens.refs import RefError, load_file, load_module_ref
+
+    try:
+        cls = load_module_ref(origin.module or "", origin.attr or "", key="task", ref=name)[0]
+    except RefError as e:
+        path = Path(origin.path or "")
+        if not path.is_file():
+            raise TaskSourceError(f"task {name}: the module {origin.module} cannot be imported here "
+                                  f"({' '.join(str(e).split())[:160]}) and {path} is gone; install it or run from its "
+                                  f"folder, or {point}") from None
+        return load_file(path, origin.attr or "", key="task", ref=name, module_name=origin.module)[0], path
+    return cls, Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
+
+
+def _from_entry_point(name, origin, point, task_source):
+    from toylens.data.registry import PLUGIN_GROUP, task_class
+    from toylens.refs import entry_points
+
+    if name not in entry_points(PLUGIN_GROUP):
+        raise TaskSourceError(f"task {name}: the package {origin.dist} that provided it ({PLUGIN_GROUP} entry point "
+                              f"{name} = {origin.module}:{origin.attr}) is not installed here; install it, or {point}")
+    cls = task_class(name)
+    return cls, Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
+
+
+def _from_main(name, origin, point, task_source):  # a class defined in a notebook or a script's __main__
+    raise TaskSourceError(f"task {name} was defined in __main__ (a notebook or script), which another process cannot "
+                          f"import; pass task_source=<a .py file defining {origin.attr}>")
+
+
+_LOADERS = {"given": _from_given, "file": _from_file, "module": _from_module, "entry_point": _from_entry_point,
+            "main": _from_main}
 
 
 def _check_hash(path: Path, recorded: str | None, name: str, copy: Path) -> None:
