@@ -4,7 +4,7 @@ the step. Details: docs/analyses.md, "Training dynamics"."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
@@ -45,6 +45,7 @@ class DynamicsResult(Result):
     ablation_mode: str = "mean"
     n_rows: int = 0
     n_reference_rows: int = 0
+    per_checkpoint: dict[str, list] = field(default_factory=dict)  # name -> one value (or exception) per step
 
     def formed_at(self, score: str = "previous_token", fraction: float = FORMED_AT) -> tuple[str, int] | None:
         """(head, step): the head whose ``score`` rises most from the first checkpoint to its maximum,
@@ -65,6 +66,7 @@ class DynamicsResult(Result):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
+        d.pop("per_checkpoint")  # the caller's own results (report.dynamics turns them into JSON)
         n = len(self.steps)
         d["scores_by_head"] = {name: {h: s.reshape(n, -1)[:, i].tolist() for i, h in enumerate(self.head_labels)}
                                for name, s in self.head_scores.items()}
@@ -131,11 +133,14 @@ def batch_loss(model: HookedTransformer, batch: Batch, task=None, chunk_size: in
 
 def checkpoint_dynamics(run: Run, batch: Batch, *, reference: Batch | None = None, steps: Sequence[int] | None = None,
                         analyses: Sequence[str] = DYNAMICS_ANALYSES, per_head: bool = True, chunk_size: int = 250,
-                        ablation_chunk_rows: int = 250, device: str = "cpu", progress: bool = True) -> DynamicsResult:
+                        ablation_chunk_rows: int = 250, device: str = "cpu", progress: bool = True,
+                        per_checkpoint: Mapping[str, Callable] | None = None) -> DynamicsResult:
     """Run ``analyses`` (any of attention, circuits, ablation; loss always) on each checkpoint of ``run``.
 
     ``batch`` is the evaluation batch every analysis uses; ``reference`` defines the ablation means
-    (default: ``batch``); ``steps`` a subset of ``run.steps`` (default: all, ascending).
+    (default: ``batch``); ``steps`` a subset of ``run.steps`` (default: all, ascending). ``per_checkpoint``: more
+    functions ``f(model, step)`` called on each checkpoint's model (the user's analyses); what each returns, or the
+    exception it raised, is kept per step in ``per_checkpoint``.
     """
     from toylens.analyze.ablation import ablate_every_hook
     from toylens.analyze.attention import SCORE_NAMES, attention_patterns
@@ -154,8 +159,14 @@ def checkpoint_dynamics(run: Run, batch: Batch, *, reference: Batch | None = Non
     losses, accs, scores, copying, fold_diffs, deltas = [], [], {n: [] for n in SCORE_NAMES}, [], [], []
     hooks: list[str] = []
     labels: list[str] = []
+    extra: dict[str, list] = {name: [] for name in per_checkpoint or {}}
     for step in tqdm(steps, disable=not progress, desc="checkpoints"):
         model = run.model(step, device=device)
+        for name, fn in (per_checkpoint or {}).items():
+            try:
+                extra[name].append(fn(model, step))
+            except Exception as e:  # one failing step of one analysis must not lose the others
+                extra[name].append(e)
         labels = model.all_head_labels()
         loss, acc = batch_loss(model, batch, run.task, chunk_size)
         losses.append(loss)
@@ -181,5 +192,5 @@ def checkpoint_dynamics(run: Run, batch: Batch, *, reference: Batch | None = Non
         fold_max_abs_logprob_diff=fold_diffs or None,
         ablation_hooks=hooks if deltas else [],
         ablation_delta_loss=torch.stack(deltas) if deltas else None,
-        n_rows=len(batch), n_reference_rows=len(reference) if "ablation" in analyses else 0,
+        n_rows=len(batch), n_reference_rows=len(reference) if "ablation" in analyses else 0, per_checkpoint=extra,
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {"AnalyzeConfig": "toylens.report.config", "validate": "toylens.report.config",
-         "build_report": "toylens.report.build", "make_report": "toylens.report.build"}
+         "build_report": "toylens.report.build", "make_report": "toylens.report.build",
+         "AnalysisOutput": "toylens.report.registry", "SectionSpec": "toylens.report.registry"}
 __all__ = list(_LAZY)
 
 

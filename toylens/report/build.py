@@ -15,13 +15,15 @@ input in about a second.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
 
-from toylens.report.config import ANALYSES, CANON, INTERVENTIONS, AnalyzeConfig, validate
+from toylens.report.config import ANALYSES, AnalyzeConfig, validate
 from toylens.report.glance import highlights
 from toylens.report.page import Figure, Report, View
+from toylens.report.registry import BY_NAME, failed_section, resolve_all
 from toylens.runs.config import ConfigError, resolve_device
 from toylens.runs.run import Run, RunError
 
@@ -39,19 +41,10 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     if model is None:
         model = run.model(step, device=device)
     ctx = rs.Context(run=run, cfg=cfg, model=model, step=step, device=device)
-    from toylens.report import canon as rc
-    from toylens.report import discovery as rd
-    from toylens.report import interventions as ri
-
-    builders = [("overview", rs.overview), ("training", rs.training)] + [
-        (name, getattr(rc if name in CANON else ri if name in INTERVENTIONS else rd if name == "discovery" else rs,
-                       name))
-        for name in ANALYSES if name in cfg.analyses]
+    specs = [BY_NAME["overview"], BY_NAME["training"], *resolve_all(list(cfg.analyses))]
     if cfg.over == "checkpoints":
-        from toylens.report.dynamics import dynamics
-
-        builders.append(("dynamics", dynamics))
-    sections = run_builders(ctx, builders)
+        specs.append(BY_NAME["dynamics"])
+    sections = run_builders(ctx, specs)
     ctx.data["highlights"] = highlights(ctx)
     report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
                     sections=sections, ablation=ctx.ablation)
@@ -59,13 +52,11 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     return report
 
 
-def run_builders(ctx, builders: list) -> list:
-    """Each builder's section, in order (``builders``: (analysis name, builder) pairs). An analysis
-    that does not apply to the model is left out (``ctx.data["left_out"]``: its name and a one-line
-    reason, listed in the page's contents); one that fails becomes a section holding its error
-    (``ctx.data["errors"]``), and the rest still run."""
+def run_builders(ctx, specs: list) -> list:
+    """Each entry's section, in order (``specs``: ``registry.SectionSpec``s). An analysis that does not apply to the
+    model is left out (``ctx.data["left_out"]``: its name and a one-line reason, listed in the page's contents); one
+    that fails becomes a section holding its error (``ctx.data["errors"]``), and the rest still run."""
     from toylens.analyze.pairs import PairsError
-    from toylens.report.applies import failed_section, left_out_reason
     from toylens.runs.tokenizer import PromptError
 
     bad_input = (ConfigError, RunError, PairsError, PromptError)  # one line, exit 2, nothing written
@@ -74,31 +65,31 @@ def run_builders(ctx, builders: list) -> list:
     ctx.data.setdefault("left_out", [])
     ctx.data.setdefault("errors", [])
     t_start = time.perf_counter()
-    for name, build in builders:
+    for spec in specs:
         t0 = time.perf_counter()
         try:
-            why = left_out_reason(name, ctx)
+            why = spec.applies(ctx)
         except bad_input:
             raise
         except Exception as e:
-            why, section = None, failed_section(ctx, name, e)
+            why, section = None, failed_section(ctx, spec, e)
         else:
             section = None
         if why:
-            ctx.data["left_out"].append({"analysis": name, "reason": why})
+            ctx.data["left_out"].append({"analysis": spec.name, "reason": why})
             continue
         if section is None:
-            if name in ANALYSES:
-                _say(ctx.cfg, f"{name} ...")
+            if spec.listed:
+                _say(ctx.cfg, f"{spec.name} ...")
             try:
-                section = build(ctx)
+                section = spec.build(ctx)
             except bad_input:  # the user's input, not the analysis, is wrong: say so instead of a report
                 raise
             except Exception as e:  # one failed analysis must not lose the others (KeyboardInterrupt still stops)
-                section = failed_section(ctx, name, e)
-                _say(ctx.cfg, f"{name} failed: {ctx.data['errors'][-1]['error']}")
+                section = failed_section(ctx, spec, e)
+                _say(ctx.cfg, f"{spec.name} failed: {ctx.data['errors'][-1]['error']}")
         sections.append(section)
-        ctx.data["timings_s"][name] = round(time.perf_counter() - t0, 3)
+        ctx.data["timings_s"][spec.name] = round(time.perf_counter() - t0, 3)
     ctx.data["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     return sections
 
@@ -185,8 +176,8 @@ def report_folder(run_dir: Path, cfg: AnalyzeConfig, report: Report) -> tuple[Pa
     lost = sorted(old - {s.id for s in report.sections})
     if not lost:
         return base, None
-    names = [a for a in ANALYSES if a in cfg.analyses]
-    name = "all" if len(names) == len(ANALYSES) else "+".join(names) if len(names) <= 3 else \
+    names = [re.sub(r"[^A-Za-z0-9_-]", "-", s.name) for s in resolve_all(list(cfg.analyses))]
+    name = "all" if names == list(ANALYSES) else "+".join(names) if len(names) <= 3 else \
         f"{names[0]}+{len(names) - 1}-more"
     out = run_dir / f"report-{name}"
     return out, f"{base} has sections this report lacks ({', '.join(lost)}); written to {out} instead"

@@ -118,6 +118,7 @@ Usage:
   toylens-analyze run=<run dir>                        every analysis of the last checkpoint -> <run>/report/
   toylens-analyze run=<run dir> step=500 analyses=[attention,ablation]
   toylens-analyze run=<run dir> over=checkpoints       + training dynamics over every saved checkpoint
+  toylens-analyze run=<run dir> analyses=[attention,probe.py:probe]   + your own analysis (docs/analyses.md)
   toylens-analyze model=pretrained model.name=gpt2 pairs.clean=[...] pairs.corrupted=[...] out=<new dir>
   toylens-analyze -m run=<a>,<b>                        several runs (Hydra multirun; hydra/launcher=joblib)
   (resume= belongs to toylens-train: toylens-train resume=<run dir> continues a run)

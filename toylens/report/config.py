@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from toylens.analyze.pretrained import AnalyzeModelConfig, PretrainedError, check_model_config, register_model_configs
+
+# The sections, in page order, and what each needs: the one list in toylens/report/registry.py ("circuits" folds the
+# model itself when "fold" is not asked for). analyses=[...] also takes the user's own (module:func, file.py:func,
+# or a toylens.analyses plugin).
+from toylens.report.registry import ANALYSES, resolve_all, resolve_dynamics
 from toylens.runs.config import ConfigError
 from toylens.runs.run import ANALYSIS_SEED, FOLD_TOL
 
-# In page order. "circuits" folds the model itself when "fold" is not asked for.
-ANALYSES = ("fold", "induction", "fourier", "attention", "circuits", "dla", "logit_lens", "neurons", "ablation",
-            "patching", "tracing", "task_vectors", "discovery")
-# Sections built by report_interventions (the others by report_sections).
-INTERVENTIONS = ("patching", "tracing", "task_vectors")
-CANON = ("induction", "fourier")  # built by report.canon; a run whose task does not fit gets the reason
+__all__ = ["ANALYSES", "AnalyzeConfig", "validate"]
 ABLATION_MODES = ("mean", "zero", "resample")
 
 
@@ -85,7 +85,7 @@ class DiscoveryConfig:  # circuit discovery on the pairs (toylens/analyze/discov
 
 @dataclass
 class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
-    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # + eval loss
+    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # + eval loss; or yours
     steps: list[int] | None = None  # checkpoint steps to analyse; null: every saved one
 
 
@@ -140,17 +140,13 @@ def validate(cfg: AnalyzeConfig) -> None:
     if cfg.model.source == "run":
         _need(isinstance(cfg.run, str) and cfg.run.strip() != "" and cfg.run != MISSING,
               "run is required: toylens-analyze run=<the run directory toylens-train printed>")
-    bad = [a for a in cfg.analyses if a not in ANALYSES]
-    _need(not bad, f"analyses: {bad[0] if bad else ''!r} is not an analysis; choose from {', '.join(ANALYSES)} "
-                   f"(e.g. analyses=[attention,ablation])")
+    resolve_all(list(cfg.analyses))  # built-ins, plugins, the user's references: ConfigError (one line) otherwise
     for key in ("batch", "reference"):
         size = getattr(cfg, key).size
         _need(size > 0, f"{key}.size={size} must be positive (rows of the task to analyse), e.g. {key}.size=2000")
     _need(cfg.over in (None, "checkpoints"), f"over={cfg.over!r}: use over=checkpoints (every saved checkpoint) or "
                                              f"leave it out (one checkpoint)")
-    bad = [a for a in cfg.dynamics.analyses if a not in ("attention", "circuits", "ablation", "discovery")]
-    _need(not bad, f"dynamics.analyses: {bad[0] if bad else ''!r} is not a dynamics analysis; choose from attention, "
-                   f"circuits, ablation, discovery (the eval loss is always measured)")
+    resolve_dynamics(list(cfg.dynamics.analyses))  # the built-in dynamics analyses or the user's (the eval loss always)
     _need(cfg.step is None or cfg.step >= 0, f"step={cfg.step} must be a checkpoint step >= 0, or null for the last")
     _need(cfg.chunk_size > 0, f"chunk_size={cfg.chunk_size} must be positive, e.g. chunk_size=250")
     a = cfg.ablation

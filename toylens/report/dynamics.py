@@ -20,11 +20,17 @@ def dynamics(ctx) -> Section:
     if cfg.progress:
         print(f"toylens-analyze: dynamics over {len(steps or ctx.run.steps)} checkpoints ...", file=sys.stderr,
               flush=True)
+    from toylens.report.registry import DYNAMICS_BUILTINS, call_user, resolve_dynamics
+
+    users = resolve_dynamics(list(d.analyses))  # the user's analyses, called on each checkpoint's model
     res = checkpoint_dynamics(ctx.run, ctx.batch, reference=ctx.reference if "ablation" in d.analyses else None,
-                              steps=steps, analyses=[a for a in d.analyses if a != "discovery"],
+                              steps=steps, analyses=[a for a in d.analyses if a in DYNAMICS_BUILTINS
+                                                     and a != "discovery"],
                               per_head=cfg.ablation.per_head,
                               chunk_size=cfg.chunk_size, ablation_chunk_rows=cfg.ablation.chunk_rows,
-                              device=ctx.device, progress=cfg.progress)
+                              device=ctx.device, progress=cfg.progress,
+                              per_checkpoint={s.name: (lambda model, step, s=s: call_user(s, model, ctx.run, ctx.batch))
+                                              for s in users})
     data = jsonable(res.to_dict())
     losses = res.loss.tolist()
     drops = [(losses[i] - losses[i + 1], res.steps[i + 1]) for i in range(len(losses) - 1)]
@@ -63,6 +69,8 @@ def dynamics(ctx) -> Section:
         from toylens.report.discovery import discovery_dynamics_blocks
 
         canon = canon + discovery_dynamics_blocks(ctx, steps)
+    for spec in users:  # the user's analyses: their scalars against the step
+        section.blocks += user_dynamics_blocks(ctx, data, spec, res.steps, res.per_checkpoint[spec.name])
     if canon:
         section.blocks += [*canon, "Every head and hook over training"]
     figs = res.figures()
@@ -87,3 +95,32 @@ def dynamics(ctx) -> Section:
                                      for i, s in enumerate(res.steps)], sortable=True,
                                     caption="previous_token score of each head at each checkpoint"))
     return section
+
+
+def user_dynamics_blocks(ctx, data: dict, spec, steps: list[int], values: list) -> list:
+    """A user's analysis over checkpoints: ``data[name] = {"steps": [...], "<scalar>": [...]}`` (None where a step
+    failed or lacked it), a figure with a line per scalar, a warning (and an errors entry) per failed step."""
+    from toylens.report.registry import error_line, scalar_leaves, split_output
+
+    rows, failed = [], []
+    for step, v in zip(steps, values, strict=True):
+        try:
+            if isinstance(v, BaseException):
+                raise v
+            rows.append(scalar_leaves(split_output(v, f"analysis {spec.name} at step {step}")[0]))
+        except Exception as e:
+            rows.append({})
+            failed.append((step, error_line(e)))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    series = {"steps": steps, **{k: [r.get(k) for r in rows] for k in keys}}
+    data[spec.name] = series
+    ctx.data.setdefault("origins", {})[spec.name] = spec.origin.to_dict()
+    blocks: list = []
+    for step, line in failed:
+        ctx.data.setdefault("errors", []).append({"analysis": f"dynamics/{spec.name}", "step": step, "error": line})
+        blocks.append(Note(f"{spec.name} failed at step {step}: {line}", "warn"))
+    fig = go.Figure([go.Scatter(x=steps, y=series[k], mode="lines+markers", name=k) for k in keys])
+    fig.update_layout(title=f"{spec.title} ({spec.origin.ref}) against the step", xaxis_title="step",
+                      height=400, margin=dict(l=60, r=20, t=56, b=50), title_font_size=14, title_x=0.02)
+    blocks.append(Figure(f"dynamics/{spec.name}", fig))
+    return blocks

@@ -22,21 +22,14 @@ from pathlib import Path
 import torch
 
 from toylens.report.build import check_strict, index_figures, run_builders
-from toylens.report.config import ANALYSES, INTERVENTIONS, AnalyzeConfig
+from toylens.report.config import AnalyzeConfig
 from toylens.report.page import Note, Report, Section, Table
+from toylens.report.registry import resolve_all
 from toylens.result import jsonable
 from toylens.runs.config import resolve_device
 
-APPLIES = ("attention", "dla", "logit_lens", "ablation", "patching", "tracing", "discovery")
-NOT_HERE = {  # analyses of a run report that a pretrained report leaves out, and why
-    "fold": "from_pretrained already folds LayerNorm (model.processing=true); the Hugging Face check is the "
-            "equivalence test here",
-    "circuits": "token-by-token QK/OV heatmaps are drawn for toy vocabularies, not a pretrained tokenizer's",
-    "neurons": "MLP firing maps are drawn for toy runs (a pretrained MLP has thousands of neurons per layer)",
-    "task_vectors": "task vectors need a run of the icl task",
-    "induction": "the induction section needs a toy run of the induction task",
-    "fourier": "the Fourier section needs a toy run of modular_add",
-}
+# Which sections a pretrained model's report runs, and why the others are left out: each registry entry's
+# ``pretrained`` (toylens/report/registry.py); the user's own analyses run with run=None.
 
 
 def prompt_batch(pairs, answers: bool = True):
@@ -127,7 +120,6 @@ def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Re
     from toylens.analyze.pretrained import hf_equivalence, load_hf, load_pretrained
     from toylens.analyze.prompts import test_prompt
     from toylens.report import interventions as ri
-    from toylens.report import sections as rs
     from toylens.report.sections import Context
 
     m = cfg.model
@@ -172,13 +164,9 @@ def build_pretrained_report(cfg: AnalyzeConfig, model=None, hf_model=None) -> Re
     sections.append(_test_prompt_section(tp))
     ctx.data["logit_difference"] = logit_difference(model, pairs)
 
-    ctx.data["left_out"] = [{"analysis": a, "reason": NOT_HERE[a]} for a in ANALYSES
-                            if a in cfg.analyses and a not in APPLIES and a in NOT_HERE]
-    from toylens.report import discovery as rd
-
-    builders = [(a, getattr(ri if a in INTERVENTIONS else rd if a == "discovery" else rs, a))
-                for a in ANALYSES if a in cfg.analyses and a in APPLIES]
-    sections += run_builders(ctx, builders)
+    specs = resolve_all(list(cfg.analyses))
+    ctx.data["left_out"] = [{"analysis": s.name, "reason": s.pretrained} for s in specs if s.pretrained]
+    sections += run_builders(ctx, [s for s in specs if not s.pretrained])
     ctx.data["highlights"] = pretrained_highlights(ctx.data)
     report = Report(title=f"toylens report: {m.name}", run_name=m.name, data=ctx.data, sections=sections,
                     ablation=ctx.ablation)

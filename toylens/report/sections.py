@@ -1,6 +1,6 @@
 """One builder per report section. Each runs its analysis, stores every number it shows in
 ``ctx.data[<section>]`` (which becomes report.json) and returns a ``Section`` of figures, tables and
-short explanations. Builders are named after the analyses in ``report.ANALYSES``."""
+short explanations. Which builder makes which section, and when it applies: toylens/report/registry.py."""
 
 from __future__ import annotations
 
