@@ -202,7 +202,9 @@ def test_a_task_without_corrupt_leaves_interventions_out_with_a_reason(world, tm
     assert [s.id for s in report.sections if s.id in ("patching", "tracing", "discovery")] == []
 
 
-def test_an_installed_plugin_task_trains_and_reloads_by_its_name(tmp_path):
+def test_an_installed_plugin_task_through_every_door(tmp_path):
+    """A package declaring its task under the entry-point group toylens.tasks: swept, reloaded, analysed and
+    resumed by name in fresh processes from other directories; uninstalled, one line names it."""
     site = tmp_path / "site"
     (site / "parity_pkg").mkdir(parents=True)
     (site / "parity_pkg" / "__init__.py").write_text(PARITY)
@@ -210,16 +212,25 @@ def test_an_installed_plugin_task_trains_and_reloads_by_its_name(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: parity-pkg\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[toylens.tasks]\nparity = parity_pkg:Parity\n")
-    p = _run("toylens.train.cli", ["task=parity", "task.n_bits=4", *SMALL, f"checkpoint_root={tmp_path / 'ck'}"],
-             cwd=tmp_path, PYTHONPATH=str(site))
+    p = _run("toylens.train.cli", ["-m", "task=parity", "task.n_bits=3,4", *SMALL,
+                                   f"checkpoint_root={tmp_path / 'ck'}"], cwd=tmp_path, PYTHONPATH=str(site))
     assert p.returncode == 0, p.stderr
-    run = Path(p.stdout.strip().splitlines()[-1])
+    sweep = next((tmp_path / "ck" / "default" / "multirun").iterdir())
+    run = sweep / "1"
     rec = json.loads((run / "task_source.json").read_text())
     assert (rec["kind"], rec["name"], rec["dist"]) == ("entry_point", "parity", "parity-pkg==0.1")
     code = f"import toylens; r = toylens.load_run({str(run)!r}); print(type(r.task).__module__, r.task.seq_len)"
     p = _python(code, cwd=run, PYTHONPATH=str(site))
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["parity_pkg", "6"]
+    p = _run("toylens.report.cli", [f"run={run}", "analyses=[attention,patching]", "batch.size=32", "pairs.n=8",
+                                    "progress=false", "device=cpu"], cwd=site, PYTHONPATH=str(site))
+    assert p.returncode == 0, p.stderr
+    assert [s["id"] for s in json.loads((run / "report" / "report.json").read_text())["sections"]][-2:] == \
+        ["attention", "patching"]
+    p = _run("toylens.train.cli", [f"resume={run}", "train.steps=30", "train.progress=false"], cwd=site,
+             PYTHONPATH=str(site))
+    assert p.returncode == 0, p.stderr
     p = _python(code, cwd=run)  # the package uninstalled: one line naming it and the saved copy
     assert p.returncode == 1 and "parity-pkg==0.1" in p.stderr and "task_source=" in p.stderr
 
