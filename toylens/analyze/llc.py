@@ -1,0 +1,246 @@
+"""The local learning coefficient (LLC; Lau et al. 2023) of a model on its run's task loss, by SGLD with devinterp
+(``pip install 'toylens[devinterp]'``), with a chain-health check that turns a bad sampler setting into a warning
+naming the ``llc.*`` key to change; and the LLC at every saved checkpoint (``llc_over_checkpoints``).
+
+    res = llc(model, task)                # res.llc_mean, res.llc_std, res.loss_trace [chain, draw], res.health
+    res = llc_over_checkpoints(run)       # res.steps, res.llc_mean [step], res.loss_trace [step, chain, draw]
+
+The estimator is devinterp's: ``n·β · (mean loss over the chain - loss at the checkpoint)`` with the chain drawn
+from the tempered, localised posterior ``exp(-n·β L(w) - γ/2 |w - w*|²)``. The loss ``L`` is the task's own: the
+cross-entropy of ``targets`` where ``loss_mask`` is true, over ``n_rows`` rows the task samples from ``seed``
+(its training distribution), the same rows at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from toylens.result import Result
+
+INSTALL_HINT = "the LLC needs devinterp: pip install 'toylens[devinterp]' (devinterp==2.0.1)"
+
+
+@dataclass
+class LLCConfig:
+    """The ``llc.*`` keys. Defaults measured on experiment=induction_heads (2 layers x 4 heads, d_model 64, 42k
+    parameters; benchmarks/README.md, "LLC over checkpoints"): a trained checkpoint (loss 0.17) sits in a sharp
+    minimum, so a small n·β (30) or γ (100) lets the chain climb to loss 1-4 and the estimate follows γ, not the
+    model; n·β = γ = 1000 with ε = 1e-4 keeps the chain within ~0.03 nats of the checkpoint and its trace flat
+    after the first ~20 draws, at every checkpoint of that run."""
+
+    lr: float = 1e-4  # SGLD step size ε; the drift/noise check below says when it is too large
+    n_beta: float = 1000.0  # n·β, the inverse temperature times the sample size
+    localization: float = 1000.0  # γ, the pull back to the checkpoint's weights
+    num_chains: int = 3  # independent chains (their spread is llc_std)
+    num_draws: int = 64  # SGLD steps per chain, one draw each (a multiple of n_rows / batch_size: whole epochs)
+    batch_size: int = 32
+    # The loss is the mean over these rows: the init loss is read on all of them and each chain cycles through
+    # whole epochs of them, so minibatch noise cancels out of mean - init instead of being multiplied by n·β.
+    n_rows: int = 512
+    seed: int = 0  # the rows (task.sample) and the chains' noise (devinterp's init_seed)
+    burnin: int = 0  # devinterp averages every step, burn-in included (as Lau et al.'s estimator)
+
+
+# chain-health thresholds (see ``chain_health``)
+DIVERGE_FACTOR, DIVERGE_ABS = 3.0, 0.5  # a chain whose loss passes 3 x init + 0.5 has left the basin
+FLAT_REL = 1e-6  # a trace moving less than this (relative to the init loss) has not moved at all
+DRIFT_MAX = 0.5  # median |ε/2 n·β ∇L| / |√ε ξ|: above it the step is too large for the loss's curvature
+DRIFT_REL = 0.2  # last-quarter mean minus third-quarter mean, as a share of (mean - init): still drifting
+
+
+def _require_devinterp():
+    try:
+        import devinterp  # noqa: F401
+        from devinterp.slt.llc import compute_llc
+        from devinterp.slt.sampling import sample
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(INSTALL_HINT) from e
+    return sample, compute_llc
+
+
+def task_rows(task, n_rows: int, seed: int):
+    """``n_rows`` rows of ``task`` from a fixed seed (CPU), packed as devinterp's ``input_ids``: tokens,
+    targets and loss_mask side by side (``[n_rows, 3 * seq_len]``), and a loss function that unpacks them."""
+    from datasets import Dataset
+
+    b = task.sample(n_rows, torch.Generator().manual_seed(seed))
+    n = b.tokens.shape[1]
+    if b.targets.shape != b.tokens.shape:
+        raise ValueError(f"task {task.name!r}: targets {tuple(b.targets.shape)} are not [batch, pos]")
+    ids = torch.cat([b.tokens.long(), b.targets.long(), b.loss_mask.long()], 1)
+    return Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch"), n
+
+
+def masked_loss_fn(seq_len: int):
+    """devinterp's ``loss_fn(model, input_ids) -> [batch, width - 1]``: the task's masked cross-entropy, spread
+    so that its mean (what devinterp averages and differentiates) is the masked mean over the batch. Runs on the
+    fused engine when the model fits it (2-3x faster than HookedTransformer's forward here)."""
+    from toylens.model.eligibility import fast_path_reason
+    from toylens.model.fused import forward
+
+    def loss_fn(model, input_ids: Tensor) -> Tensor:
+        n = seq_len
+        tok, tgt, mask = input_ids[:, :n], input_ids[:, n:2 * n], input_ids[:, 2 * n:].bool()
+        logits = model(tok, return_type="logits") if fast_path_reason(model) else forward(model, tok)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), reduction="none").reshape(tok.shape)
+        per_row = (nll * mask).sum(1) * len(tok) / mask.sum().clamp(min=1)
+        return per_row[:, None].expand(-1, input_ids.shape[1] - 1)
+
+    return loss_fn
+
+
+@dataclass
+class LLCResult(Result):
+    """One LLC estimate: mean and spread over chains, each chain's estimate and loss trace ``[chain, draw]``,
+    the drift/noise ratio per chain, the settings, and the chain-health verdict (``health["warnings"]``)."""
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: list[float]
+    init_loss: float
+    loss_trace: Tensor  # [chain, draw]
+    drift_ratio: list[float]  # per chain: median |drift| / |noise| per step
+    settings: dict
+    health: dict = field(default_factory=dict)
+    n_params: int = 0
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["loss_trace"] = self.loss_trace.tolist()
+        return d
+
+    def figures(self) -> dict:
+        from toylens.analyze import plots
+
+        return {"llc/trace": plots.line(self.loss_trace, labels=[f"chain {i}" for i in range(len(self.loss_trace))],
+                                        x=list(range(self.loss_trace.shape[1])), xaxis="draw", yaxis="loss",
+                                        title=f"SGLD loss traces (init loss {self.init_loss:.4f})")}
+
+
+def chain_health(trace: Tensor, init_loss: float, drift_ratio: Sequence[float], failed: Sequence[str] = ()) -> dict:
+    """Whether the chains can be trusted, with one warning per problem naming the ``llc.*`` key to change:
+
+    diverged: a non-finite loss, a chain devinterp stopped, or a loss past ``DIVERGE_FACTOR`` x init +
+    ``DIVERGE_ABS`` -> lower ``llc.lr`` (or raise ``llc.localization``); flat: the trace never moves -> raise
+    ``llc.lr``; step size: SGLD's drift exceeds ``DRIFT_MAX`` x its noise (the proxy for a Metropolis test's
+    acceptance, which devinterp 2 does not compute) -> lower ``llc.lr``; still drifting: the last quarter's
+    mean differs from the third's by more than ``DRIFT_REL`` of (mean - init) -> raise ``llc.num_draws``
+    or ``llc.localization``; negative: the chain found lower loss than the checkpoint (not at a minimum).
+    """
+    warn: list[dict] = []
+    finite = bool(torch.isfinite(trace).all())
+    limit = DIVERGE_FACTOR * init_loss + DIVERGE_ABS
+    if failed or not finite or (finite and float(trace.max()) > limit):
+        why = (failed[0] if failed else "the loss became NaN or inf" if not finite else
+               f"the loss rose to {float(trace.max()):.3g}, past {DIVERGE_FACTOR:g} x the init loss "
+               f"{init_loss:.3g} + {DIVERGE_ABS:g}")
+        warn.append({"check": "diverged", "key": "llc.lr",
+                     "text": f"SGLD diverged ({why}): lower llc.lr (or raise llc.localization)"})
+    elif float((trace - init_loss).abs().max()) <= FLAT_REL * max(abs(init_loss), 1e-3):
+        warn.append({"check": "flat", "key": "llc.lr",
+                     "text": "the SGLD loss trace does not move: raise llc.lr"})
+    else:
+        ratio = max(drift_ratio) if drift_ratio else math.nan
+        if math.isfinite(ratio) and ratio > DRIFT_MAX:
+            warn.append({"check": "step_size", "key": "llc.lr",
+                         "text": f"SGLD's gradient step is {ratio:.2f}x its noise (above {DRIFT_MAX:g}): the step "
+                                 f"size is too large for the loss's curvature, so most steps would be rejected "
+                                 f"by a Metropolis test; lower llc.lr"})
+        q = trace.shape[1] // 4
+        if q >= 2:
+            mean = trace.mean(0)
+            rise = float(mean[3 * q:].mean() - mean[2 * q:3 * q].mean())
+            excess = float(mean.mean()) - init_loss
+            if excess > 0 and abs(rise) > DRIFT_REL * excess:
+                warn.append({"check": "drifting", "key": "llc.num_draws",
+                             "text": f"the loss trace is still moving in its last quarter ({rise:+.3g} vs a mean "
+                                     f"excess {excess:.3g}): raise llc.num_draws (or llc.localization)"})
+        if float(trace.mean()) < init_loss - 1e-3 * max(abs(init_loss), 1e-3):
+            warn.append({"check": "negative", "key": "llc.localization",
+                         "text": "the chains found lower loss than the checkpoint (negative LLC): it is not at a "
+                                 "local minimum; raise llc.localization to stay near it, or read the value as "
+                                 "not meaningful"})
+    return {"ok": not warn, "warnings": warn}
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, num_chains: int):
+    """devinterp's per-chain bar (draws of each chain), relabelled "LLC <label> chain i/n", or silenced."""
+    import devinterp.slt.sampler as sampler
+
+    orig = sampler.trange
+
+    def trange(*args, desc: str = "", **kw):
+        chain = desc.replace("Chain ", "")
+        return orig(*args, desc=f"LLC {label} chain {int(chain) + 1}/{num_chains} (draws)", disable=not enabled,
+                    **{**kw, "leave": False})
+
+    sampler.trange = trange
+    try:
+        yield
+    finally:
+        sampler.trange = orig
+
+
+def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress: bool = False, label: str = "",
+        param_masks: dict | None = None, dataset=None, loss_fn=None, device: str | None = None,
+        **overrides) -> LLCResult:
+    """The LLC of ``model`` at its current weights on ``task``'s masked loss (``LLCConfig``; keyword overrides,
+    e.g. ``lr=3e-4``). ``param_masks``: devinterp's ``{param name: mask or None}``, the weights that move (the
+    per-component LLC); default all. ``dataset``/``loss_fn``: devinterp's, for a model that is not a task's."""
+    sample, compute_llc = _require_devinterp()
+    cfg = LLCConfig(**{**asdict(cfg or LLCConfig()), **overrides})
+    if dataset is None:
+        dataset, n = task_rows(task, cfg.n_rows, cfg.seed)
+        loss_fn = masked_loss_fn(n)
+    n_rows = len(dataset)
+    init_batches = max(1, n_rows // cfg.batch_size)
+    device = device or str(next(model.parameters()).device)
+    was_training = model.training
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="toylens-llc-") as tmp, warnings.catch_warnings(record=True) as w, \
+            _progress(progress, label, cfg.num_chains):
+        warnings.simplefilter("always")
+        try:
+            samples = sample(model, dataset, {}, lr=cfg.lr, n_beta=cfg.n_beta, localization=cfg.localization,
+                             param_masks=param_masks, num_chains=cfg.num_chains, num_draws=cfg.num_draws,
+                             batch_size=cfg.batch_size, num_burnin_steps=cfg.burnin,
+                             num_init_loss_batches=init_batches, init_seed=cfg.seed, device=device, save_metrics=True,
+                             output_path=f"{tmp}/samples.zarr", loss_fn=loss_fn)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            # devinterp's metric bookkeeping raises (a NaN tolerance) on the step where the weights blow up
+            samples = None
+            failed.append(f"sampling stopped with {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        if samples is not None:
+            out = compute_llc(samples)
+            ds = samples.dataset
+            trace = torch.as_tensor(out.loss_trace.values, dtype=torch.float64)
+            drift = torch.as_tensor(ds["metrics_scaled_grad"].values, dtype=torch.float64)
+            noise = torch.as_tensor(ds["metrics_noise"].values, dtype=torch.float64)
+            ratio = (drift / noise.clamp(min=1e-30)).nan_to_num(nan=math.inf).median(-1).values.tolist()
+            per_chain = [float(v) for v in out.llc_per_chain.values]
+            init_loss, mean, std = float(out.init_loss), float(out.llc_mean), float(out.llc_std)
+            samples.close()
+        else:
+            trace = torch.full((cfg.num_chains, cfg.num_draws), math.nan, dtype=torch.float64)
+            ratio, per_chain = [math.nan] * cfg.num_chains, [math.nan] * cfg.num_chains
+            init_loss, mean, std = math.nan, math.nan, math.nan
+        failed += [str(x.message) for x in w if "Chain failed" in str(x.message)]
+    model.train(was_training)
+    if param_masks is None:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        named = dict(model.named_parameters())
+        n_params = sum(named[k].numel() if m is None else int(m.count_nonzero()) for k, m in param_masks.items())
+    health = chain_health(trace, init_loss, ratio, failed)
+    return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, init_loss=init_loss, loss_trace=trace.float(),
+                     drift_ratio=ratio, settings={**asdict(cfg), "n_rows": n_rows}, health=health, n_params=n_params)
