@@ -3,6 +3,8 @@ known, its reproducibility, and the chain-health check."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -80,3 +82,54 @@ def test_chain_health_rules():
     rising = torch.linspace(1.0, 2.0, 40, dtype=torch.float64).expand(2, 40)
     assert [w["check"] for w in chain_health(rising, 1.0, [0.01])["warnings"]] == ["drifting"]
     assert chain_health(ok - 0.5, 1.0, [0.01])["warnings"][0]["check"] == "negative"
+
+
+def test_task_llc_on_a_tiny_transformer_and_per_head_masks():
+    from toylens._compat import HookedTransformerConfig
+    from toylens.analyze.llc import component_masks
+    from toylens.data import TASKS, make_task
+    from toylens.model.build import make_model
+
+    task = make_task(TASKS["induction"].config_cls(n_symbols=8, half_len=4, pad=2))
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=task.d_vocab,
+                                  n_ctx=task.seq_len, attn_only=True, normalization_type=None, seed=0)
+    model = make_model(cfg, positional_embedding_type="standard")
+    small = LLCConfig(num_chains=2, num_draws=8, n_rows=64, batch_size=16)
+    whole = llc(model, task, small)
+    assert whole.loss_trace.shape == (2, 8) and torch.isfinite(whole.loss_trace).all()
+    assert whole.init_loss == pytest.approx(float(_task_loss(model, task, 64, 0)), rel=1e-4)
+    masks = component_masks(model)
+    assert set(masks) == {"L0H0", "L0H1", "L1H0", "L1H1"}
+    head = llc(model, task, small, param_masks=masks["L0H1"])
+    assert head.n_params == 4 * 16 * 8 + 3 * 8  # W_Q, W_K, W_V, W_O rows of one head and its b_Q, b_K, b_V
+    assert math.isfinite(head.llc_mean) and head.n_params < whole.n_params
+
+
+def _task_loss(model, task, n_rows, seed):
+    import torch.nn.functional as F
+
+    b = task.sample(n_rows, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = model(b.tokens)
+    nll = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), reduction="none").reshape(b.tokens.shape)
+    return (nll * b.loss_mask).sum() / b.loss_mask.sum()
+
+
+def test_over_checkpoints_equals_each_checkpoint(tmp_path, tiny_run):
+    from toylens.analyze.llc import llc_over_checkpoints
+    from toylens.data import TASKS
+    from toylens.runs.config import ModelConfig
+    from toylens.runs.run import load_run
+
+    run = load_run(tiny_run(tmp_path / "run", **{
+        "task": TASKS["induction"].config_cls(n_symbols=8, half_len=4, pad=2),
+        "model": ModelConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=None, attn_only=True,
+                             positional_embedding_type="standard")}))
+    small = LLCConfig(num_chains=2, num_draws=8, n_rows=64, batch_size=16)
+    res = llc_over_checkpoints(run, cfg=small, progress=False)
+    assert res.steps == run.steps and res.loss_trace.shape == (len(run.steps), 2, 8)
+    one = llc(run.model(run.steps[0]), run.task, small)
+    assert float(res.llc_mean[0]) == pytest.approx(one.llc_mean, rel=1e-5)
+    ds = res.to_xarray()
+    assert ds["loss_trace"].dims == ("step", "chain", "draw") and list(ds["step"].values) == run.steps
+    assert "llc/curve" in res.figures()

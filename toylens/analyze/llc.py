@@ -244,3 +244,118 @@ def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress:
     health = chain_health(trace, init_loss, ratio, failed)
     return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, init_loss=init_loss, loss_trace=trace.float(),
                      drift_ratio=ratio, settings={**asdict(cfg), "n_rows": n_rows}, health=health, n_params=n_params)
+
+
+def component_masks(model) -> dict[str, dict]:
+    """devinterp ``param_masks`` per component: each head ``L{l}H{h}`` (its rows of W_Q, W_K, W_V, W_O and b_Q,
+    b_K, b_V) and each MLP ``MLP{l}`` (all its weights); the LLC restricted to those weights alone."""
+    out: dict[str, dict] = {}
+    named = dict(model.named_parameters())
+    for layer in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            masks = {}
+            for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
+                name = f"blocks.{layer}.attn.{w}"
+                if name in named and named[name].requires_grad:
+                    m = torch.zeros_like(named[name], dtype=torch.bool)
+                    m[h] = True
+                    masks[name] = m
+            out[f"L{layer}H{h}"] = masks
+        if not model.cfg.attn_only:
+            out[f"MLP{layer}"] = {k: None for k in named if k.startswith(f"blocks.{layer}.mlp.")}
+    return out
+
+
+@dataclass
+class LLCDynamics(Result):
+    """The LLC at each checkpoint: ``llc_mean``/``llc_std`` ``[step]``, the traces ``[step, chain, draw]``, the
+    init loss per step, each step's chain-health warnings, and (``components=True``) the per-component LLC
+    ``{component: [step]}``."""
+
+    steps: list[int]
+    llc_mean: Tensor
+    llc_std: Tensor
+    init_loss: Tensor
+    loss_trace: Tensor
+    warnings: dict[int, list[dict]]
+    settings: dict
+    components: dict[str, Tensor] = field(default_factory=dict)
+    seconds_per_checkpoint: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["loss_trace"] = self.loss_trace.tolist()
+        d["warnings"] = {str(k): v for k, v in self.warnings.items()}
+        return d
+
+    def to_xarray(self):
+        """The traces as an ``xarray.Dataset`` (dims step, chain, draw), for ``dynamics/llc.zarr``."""
+        import xarray as xr
+
+        data = {"llc_mean": ("step", self.llc_mean.numpy()), "llc_std": ("step", self.llc_std.numpy()),
+                "init_loss": ("step", self.init_loss.numpy()),
+                "loss_trace": (("step", "chain", "draw"), self.loss_trace.numpy())}
+        data |= {f"llc_{c}": ("step", v.numpy()) for c, v in self.components.items()}
+        return xr.Dataset(data, coords={"step": self.steps},
+                          attrs={k: str(v) for k, v in self.settings.items()})
+
+    def figures(self) -> dict:
+        import plotly.graph_objects as go
+
+        x = self.steps
+        fig = go.Figure(go.Scatter(x=x, y=self.llc_mean.tolist(), mode="lines+markers", name="LLC",
+                                   error_y=dict(type="data", array=self.llc_std.tolist(), visible=True)))
+        for c, v in self.components.items():
+            fig.add_trace(go.Scatter(x=x, y=v.tolist(), mode="lines", name=f"LLC {c}", line=dict(dash="dot")))
+        fig.update_layout(title="Local learning coefficient per checkpoint (mean ± std over chains)",
+                          xaxis_title="step", yaxis_title="LLC")
+        return {"llc/curve": fig}
+
+
+def llc_over_checkpoints(run, steps: Sequence[int] | None = None, cfg: LLCConfig | None = None, *,
+                         components: bool = False, device: str = "cpu", progress: bool = True,
+                         **overrides) -> LLCDynamics:
+    """``llc`` at every checkpoint of ``run`` (or ``steps``), on the same rows of its task, the same seeds."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    cfg = LLCConfig(**{**asdict(cfg or LLCConfig()), **overrides})
+    steps = sorted(run.check_step(s) for s in (run.steps if steps is None else steps))
+    dataset, n = task_rows(run.task, cfg.n_rows, cfg.seed)
+    loss_fn = masked_loss_fn(n)
+    rows, comps, warns = [], {}, {}
+    t0 = time.perf_counter()
+    for step in tqdm(steps, disable=not progress, desc="LLC over checkpoints"):
+        model = run.model(step, device=device)
+        r = llc(model, run.task, cfg, progress=progress, label=f"step {step}", dataset=dataset, loss_fn=loss_fn,
+                device=device)
+        rows.append(r)
+        if r.health["warnings"]:
+            warns[step] = r.health["warnings"]
+        if components:
+            for name, masks in component_masks(model).items():
+                c = llc(model, run.task, cfg, param_masks=masks, dataset=dataset, loss_fn=loss_fn, device=device)
+                comps.setdefault(name, []).append(c.llc_mean)
+    secs = (time.perf_counter() - t0) / max(1, len(steps))
+    return LLCDynamics(steps=steps, llc_mean=torch.tensor([r.llc_mean for r in rows]),
+                       llc_std=torch.tensor([r.llc_std for r in rows]),
+                       init_loss=torch.tensor([r.init_loss for r in rows]),
+                       loss_trace=torch.stack([r.loss_trace for r in rows]), warnings=warns,
+                       settings=asdict(cfg), components={k: torch.tensor(v) for k, v in comps.items()},
+                       seconds_per_checkpoint=secs)
+
+
+def llc_analysis(model, run, batch) -> dict:
+    """The LLC (default ``LLCConfig``) as an analysis of the report's user-analysis contract, so that
+    ``toylens-analyze run=<dir> over=checkpoints dynamics.analyses=[toylens.analyze.llc:llc_analysis]`` plots it
+    against the step until ``dynamics.analyses=[llc]`` is a built-in; the warnings name the key to change."""
+    if run is None:
+        raise ValueError("the LLC needs a toylens run of its task (its loss); this is a pretrained model")
+    with torch.enable_grad():
+        r = llc(model, run.task)
+    return {"llc": r.llc_mean, "llc_std": r.llc_std, "init_loss": r.init_loss, "chains_ok": float(r.health["ok"]),
+            "warnings": [w["text"] for w in r.health["warnings"]], "llc_per_chain": r.llc_per_chain}
+
+
+llc_analysis.applies = lambda run: None if run is not None else "the LLC needs a toylens run of its task"
