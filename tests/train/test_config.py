@@ -32,8 +32,12 @@ def test_every_group_has_options_and_every_task_has_a_config():
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_option_composes_and_validates(group, option):
-    cfg = _compose(f"{group}={option}")
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    extra = []
+    if option == "sequences":  # the user's own file is its one required setting
+        (tmp_path / "s.txt").write_text("1 2 3 4\n4 3 2 1\n2 2 1 3\n3 1 4 2\n")
+        extra = [f"task.path={tmp_path / 's.txt'}", "task.frac_train=0.5"]
+    cfg = _compose(f"{group}={option}", *extra)
     assert isinstance(cfg, TrainConfig)
     validate(cfg)
     if group == "task":

@@ -51,7 +51,7 @@ def test_experiment_lowers_the_loss_in_a_few_steps(experiment, tmp_path):
 
 
 def test_every_task_has_a_default_experiment_that_stops_when_solved():
-    for name in TASKS:
+    for name in sorted(set(TASKS) - {"sequences"}):  # sequences trains on the user's own file: no default data
         assert name in EXPERIMENTS, f"configs/experiment/{name}.yaml is missing"
         cfg = _compose(f"experiment={name}")
         assert cfg.task.name == name and cfg.name == name

@@ -7,4 +7,5 @@ from toylens.data.tasks import (  # noqa: F401
     modular_add,
     prev_token,
     seq2seq,
+    sequences,
 )
