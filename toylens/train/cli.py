@@ -189,8 +189,11 @@ def help_text(argv: list[str] = ()) -> str:
     groups = _cli.groups_lines(config_dir(), ["experiment", "model", "task", "optim", "logger", "debug",
                                               "hydra/launcher"])
     plugins = plugin_names()
-    groups.append(f"  {'task=':<16} {', '.join(plugins)} (installed plugins)" if plugins else
-                  f"  {'task=':<16} or your own: task=path/to/file.py:Class, task=package.module:Class")
+    # continuation lines under the task= group (no key of their own: one line per key)
+    more = [f"  {'':<16} installed plugins: {', '.join(plugins)}"] if plugins else []
+    more.append(f"  {'':<16} or your own: task=path/to/file.py:Class, task=package.module:Class")
+    at = next(i for i, line in enumerate(groups) if line.lstrip().startswith("task=")) + 1
+    groups[at:at] = more
     register_configs()
     chosen = [a for a in argv if a.split("=", 1)[0].lstrip("+") in ("task", "experiment")]
     dcfg = _cli.compose(config_dir(), "train", _task_options(chosen))
