@@ -1,4 +1,4 @@
-"""The LLC at every checkpoint of a run (``toylens.analyze.llc.llc_over_checkpoints``, default ``llc.*`` settings),
+"""The LLC at every checkpoint of a run (``toylens.analyze.llc_over_checkpoints``, default ``llc.*`` settings),
 beside the run's own eval loss, and the stages ``toylens.analyze.stages`` reads off the curve.
 
     python benchmarks/llc_curves.py RUN_DIR [RUN_DIR ...]     # e.g. an induction_heads and a grokking run
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from toylens.analyze.llc import LLCConfig, llc_over_checkpoints
+from toylens.analyze.learning_coefficient import LLCConfig, llc_over_checkpoints
 from toylens.analyze.stages import describe, find_stages
 from toylens.runs.checkpoint import read_metrics
 from toylens.runs.run import load_run

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("devinterp")
 
-from toylens.analyze.llc import LLCConfig, chain_health, llc  # noqa: E402
+from toylens.analyze.learning_coefficient import LLCConfig, chain_health, llc  # noqa: E402
 
 D = 10  # parameters
 
@@ -86,7 +86,7 @@ def test_chain_health_rules():
 
 def test_task_llc_on_a_tiny_transformer_and_per_head_masks():
     from toylens._compat import HookedTransformerConfig
-    from toylens.analyze.llc import component_masks
+    from toylens.analyze.learning_coefficient import component_masks
     from toylens.data import TASKS, make_task
     from toylens.model.build import make_model
 
@@ -116,7 +116,7 @@ def _task_loss(model, task, n_rows, seed):
 
 
 def test_over_checkpoints_equals_each_checkpoint(tmp_path, tiny_run):
-    from toylens.analyze.llc import llc_over_checkpoints
+    from toylens.analyze.learning_coefficient import llc_over_checkpoints
     from toylens.data import TASKS
     from toylens.runs.config import ModelConfig
     from toylens.runs.run import load_run
@@ -133,3 +133,15 @@ def test_over_checkpoints_equals_each_checkpoint(tmp_path, tiny_run):
     ds = res.to_xarray()
     assert ds["loss_trace"].dims == ("step", "chain", "draw") and list(ds["step"].values) == run.steps
     assert "llc/curve" in res.figures()
+
+
+def test_drift_to_noise_ratio_matches_the_quadratics_stationary_chain():
+    # SGLD on L = |w|²/2 with step ε and inverse temperature n·β (γ small) is the AR(1) map w' = (1 - a) w + √ε ξ,
+    # a = ε n·β / 2, whose stationary variance per weight is ε / (1 - (1 - a)²) = 1 / (n·β (1 - a/2)). Then
+    # |ε/2 n·β ∇L| / |√ε ξ| = (ε/2) n·β |w| / √(ε D) -> √(ε n·β) / (2 √(1 - ε n·β / 4)).
+    for lr, fires in ((2e-4, False), (1.5e-3, True)):
+        r = _llc(2, lr=lr, num_draws=200)
+        x = lr * SETTINGS.n_beta
+        want = math.sqrt(x) / (2 * math.sqrt(1 - x / 4))
+        assert sum(r.drift_ratio) / len(r.drift_ratio) == pytest.approx(want, rel=0.12), (lr, r.drift_ratio)
+        assert any(w["check"] == "step_size" and w["key"] == "llc.lr" for w in r.health["warnings"]) == fires

@@ -41,3 +41,29 @@ def test_flat_and_short_curves():
     assert [s["kind"] for s in find_stages([0, 1, 2], [1.0, 1.0, 1.0])] == ["plateau"]
     assert find_stages([], []) == []
     assert np.allclose(smooth([0.0, 3.0, 6.0]), [1.5, 3.0, 4.5])
+
+
+def test_formation_steps_every_head_that_rises():
+    from toylens.analyze.stages import formation_steps
+
+    steps = [0, 10, 20, 30, 40]
+    got = formation_steps(steps, {"a": [0.0, 0.1, 0.5, 0.9, 0.9],  # rise 0.9: half (0.45) first reached at 20
+                                  "b": [0.1, 0.1, 0.15, 0.2, 0.25],  # rises 0.15 < 0.2: never formed
+                                  "c": [0.2, 0.8, 0.8, 0.7, 0.6],  # rise 0.6, half at 10
+                                  "d": [float("nan")] * 5})
+    assert got == {"a": 20, "c": 10}
+
+
+def test_stage_events_and_overlaps():
+    from toylens.analyze.stages import overlapping, stage_events
+
+    stages = [{"from_step": 0, "to_step": 100}, {"from_step": 100, "to_step": 200}]
+    ev = stage_events(stages, {"edges_formed": {"x": 0, "y": 100, "z": 150, "never": None},
+                               "heads_formed": {"h": 200}})
+    assert [e["name"] for e in ev[0]["edges_formed"]] == ["x", "y"]  # a boundary event belongs to the stage it ends
+    assert [e["name"] for e in ev[1]["edges_formed"]] == ["z"] and ev[1]["heads_formed"] == [{"name": "h",
+                                                                                             "step": 200}]
+    assert ev[0]["heads_formed"] == [] and "never" not in str(ev)
+    spans = {"memorisation": [0, 50], "circuit_formation": [50, 150], "cleanup": [150, 175], "none": None}
+    assert overlapping(stages[0], spans) == ["memorisation", "circuit_formation"]
+    assert overlapping(stages[1], spans) == ["circuit_formation", "cleanup"]

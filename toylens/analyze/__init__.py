@@ -33,6 +33,10 @@ _LAZY = {
     "patching_context": "toylens.analyze.patching",
     "attribution_patch": "toylens.analyze.attribution_patching",
     "causal_trace": "toylens.analyze.tracing",
+    "llc": "toylens.analyze.learning_coefficient",
+    "llc_over_checkpoints": "toylens.analyze.learning_coefficient",
+    "LLCConfig": "toylens.analyze.learning_coefficient",
+    "find_stages": "toylens.analyze.stages",
 }
 
 __all__ = list(_LAZY)

@@ -104,3 +104,49 @@ def describe(stages: list[dict], steps: Sequence[int], signals: dict[str, Sequen
                    else "; nothing else moved by 10% of its range"))
         out.append({**st, "changed": changed, "text": text})
     return out
+
+
+MIN_RISE = 0.2  # a head "forms" a score (previous-token, induction: in [0, 1]) when it rises at least this much
+
+
+def formation_steps(steps: Sequence[int], series: dict[str, Sequence[float]], fraction: float = 0.5,
+                    min_rise: float = MIN_RISE) -> dict[str, int]:
+    """For each named curve that rises by at least ``min_rise`` from its first value to its maximum: the first step
+    at which it has made ``fraction`` of that rise (as ``DynamicsResult.formed_at``, for every head, not only the
+    one that rises most). Curves that do not rise so far are left out."""
+    steps = list(steps)
+    out: dict[str, int] = {}
+    for name, v in series.items():
+        v = np.nan_to_num(np.asarray(v, dtype=float), nan=-np.inf)
+        if len(v) == 0 or not np.isfinite(v[0]):
+            continue
+        top = float(v.max())
+        rise = top - float(v[0])
+        if rise >= min_rise:
+            target = float(v[0]) + fraction * rise
+            out[name] = steps[int(np.argmax(v >= target))]
+    return out
+
+
+def in_stage(step: int, stage: dict, first: bool) -> bool:
+    """Whether an event at ``step`` falls in ``stage`` (stages share boundaries: an event on a boundary belongs to
+    the stage that ends there; the first stage also holds its own first step)."""
+    return (stage["from_step"] < step or (first and step == stage["from_step"])) and step <= stage["to_step"]
+
+
+def stage_events(stages: list[dict], events: dict[str, dict[str, int | None]]) -> list[dict]:
+    """Each stage with the events that happened in it: ``events`` maps a kind ("heads_formed", "edges_formed") to
+    ``{what: step}`` (None: never); a stage gets ``{kind: [{"name", "step"}, ...]}`` sorted by step."""
+    out = []
+    for k, st in enumerate(stages):
+        row = dict(st)
+        for kind, by_name in events.items():
+            hits = [{"name": n, "step": s} for n, s in by_name.items() if s is not None and in_stage(s, st, k == 0)]
+            row[kind] = sorted(hits, key=lambda h: (h["step"], h["name"]))
+        out.append(row)
+    return out
+
+
+def overlapping(stage: dict, spans: dict[str, Sequence[int] | None]) -> list[str]:
+    """The names of ``spans`` (e.g. grokking's phases ``{name: [from_step, to_step]}``) that overlap ``stage``."""
+    return [n for n, span in spans.items() if span and span[0] < stage["to_step"] and span[1] > stage["from_step"]]

@@ -47,7 +47,7 @@ def build_report(run: Run, cfg: AnalyzeConfig, model=None) -> Report:
     sections = run_builders(ctx, specs)
     ctx.data["highlights"] = highlights(ctx)
     report = Report(title=f"toylens report: {run.name}", run_name=run.name, data=ctx.data,
-                    sections=sections, ablation=ctx.ablation)
+                    sections=sections, ablation=ctx.ablation, files=ctx.files)
     index_figures(report)
     return report
 

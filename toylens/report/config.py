@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from toylens.analyze.learning_coefficient import INSTALL_HINT, LLCConfig
 from toylens.analyze.pretrained import AnalyzeModelConfig, PretrainedError, check_model_config, register_model_configs
 
 # The sections, in page order, and what each needs: the one list in toylens/report/registry.py ("circuits" folds the
@@ -85,7 +86,8 @@ class DiscoveryConfig:  # circuit discovery on the pairs (toylens/analyze/discov
 
 @dataclass
 class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
-    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # + eval loss; or yours
+    # any of attention, circuits, ablation, discovery, llc (+ the eval loss always); or yours
+    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])
     steps: list[int] | None = None  # checkpoint steps to analyse; null: every saved one
 
 
@@ -108,6 +110,7 @@ class AnalyzeConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     task_vectors: TaskVectorsConfig = field(default_factory=TaskVectorsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    llc: LLCConfig = field(default_factory=LLCConfig)  # dynamics.analyses=[llc]: the SGLD sampler's settings
     out: str | None = None  # model=pretrained: the report folder (with a run: <run>/report)
     chunk_size: int = 250  # rows per forward pass in every other analysis
     fold_tol: float = FOLD_TOL  # max |delta log-prob| allowed between folded and original model
@@ -147,6 +150,8 @@ def validate(cfg: AnalyzeConfig) -> None:
     _need(cfg.over in (None, "checkpoints"), f"over={cfg.over!r}: use over=checkpoints (every saved checkpoint) or "
                                              f"leave it out (one checkpoint)")
     resolve_dynamics(list(cfg.dynamics.analyses))  # the built-in dynamics analyses or the user's (the eval loss always)
+    if "llc" in cfg.dynamics.analyses:
+        _validate_llc(cfg.llc)
     _need(cfg.step is None or cfg.step >= 0, f"step={cfg.step} must be a checkpoint step >= 0, or null for the last")
     _need(cfg.chunk_size > 0, f"chunk_size={cfg.chunk_size} must be positive, e.g. chunk_size=250")
     a = cfg.ablation
@@ -192,3 +197,21 @@ def _validate_discovery(dc: DiscoveryConfig) -> None:
     _need(dc.top_n is None or dc.top_n >= 1, f"discovery.top_n={dc.top_n} must be at least 1")
     _need(0 < dc.target <= 1, f"discovery.target={dc.target} must lie in (0, 1], e.g. 0.9")
     _need(dc.ig_steps >= 1, f"discovery.ig_steps={dc.ig_steps} must be at least 1")
+
+
+def _validate_llc(c: LLCConfig) -> None:
+    """The ``llc.*`` keys, and devinterp being installed (before any checkpoint is loaded)."""
+    for key in ("lr", "n_beta"):
+        v = getattr(c, key)
+        _need(v > 0, f"llc.{key}={v} must be positive (default {getattr(LLCConfig, key)})")
+    _need(c.localization >= 0, f"llc.localization={c.localization} must be >= 0 (default {LLCConfig.localization})")
+    _need(c.num_chains >= 1, f"llc.num_chains={c.num_chains} must be at least 1 (default {LLCConfig.num_chains})")
+    _need(c.num_draws >= 8, f"llc.num_draws={c.num_draws} must be at least 8 (the chain-health check reads its "
+                            f"quarters; default {LLCConfig.num_draws})")
+    _need(c.batch_size >= 1, f"llc.batch_size={c.batch_size} must be at least 1")
+    _need(c.n_rows >= c.batch_size, f"llc.n_rows={c.n_rows} must be at least llc.batch_size={c.batch_size}")
+    _need(0 <= c.burnin < c.num_draws, f"llc.burnin={c.burnin} must lie in [0, llc.num_draws={c.num_draws})")
+    try:
+        import devinterp  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"dynamics.analyses=[llc]: {INSTALL_HINT}") from None

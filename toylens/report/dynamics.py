@@ -25,7 +25,7 @@ def dynamics(ctx) -> Section:
     users = resolve_dynamics(list(d.analyses))  # the user's analyses, called on each checkpoint's model
     res = checkpoint_dynamics(ctx.run, ctx.batch, reference=ctx.reference if "ablation" in d.analyses else None,
                               steps=steps, analyses=[a for a in d.analyses if a in DYNAMICS_BUILTINS
-                                                     and a != "discovery"],
+                                                     and a not in ("discovery", "llc")],
                               per_head=cfg.ablation.per_head,
                               chunk_size=cfg.chunk_size, ablation_chunk_rows=cfg.ablation.chunk_rows,
                               device=ctx.device, progress=cfg.progress,
@@ -38,8 +38,9 @@ def dynamics(ctx) -> Section:
     ctx.data["dynamics"] = data
     section = Section("dynamics", "Training dynamics (every saved checkpoint)", (
         "The same analyses on each saved checkpoint, with one evaluation batch for all of them: the loss, each "
-        "head's previous-token (and other) scores, OV copying scores and the every-hook ablation. Read when "
-        "the loss drops, when a head takes on its role and which activations start to matter."))
+        "head's previous-token (and other) scores, OV copying scores and the every-hook ablation (and, when asked "
+        "for, when each circuit edge forms and the local learning coefficient with the stages read off it). Read "
+        "when the loss drops, when a head takes on its role and which activations start to matter."))
     n = len(res.steps)
     kept = ctx.run.config.train.keep_last
     if n < 4:
@@ -69,6 +70,11 @@ def dynamics(ctx) -> Section:
         from toylens.report.discovery import discovery_dynamics_blocks
 
         canon = canon + discovery_dynamics_blocks(ctx, steps)
+    if "llc" in d.analyses:  # the LLC, then the stages read off it beside everything above
+        from toylens.report.development import development_blocks, llc_blocks
+
+        llc_part, llc_res = llc_blocks(ctx, steps)
+        canon = canon + development_blocks(ctx, res, llc_res, ctx.data["dynamics"]) + llc_part
     for spec in users:  # the user's analyses: their scalars against the step
         section.blocks += user_dynamics_blocks(ctx, data, spec, res.steps, res.per_checkpoint[spec.name])
     if canon:

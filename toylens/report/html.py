@@ -319,9 +319,12 @@ def write_report(report: Report, out_dir: str | os.PathLike, field: str | None =
         (tmp / "report.json").write_text(body, encoding="utf-8")
         if report.ablation is not None:
             report.ablation.to_csv(tmp / "ablation.csv")
+        for rel, writer in report.files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            writer(tmp / rel)
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         _swap_in(tmp, out_dir, field)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

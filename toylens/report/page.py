@@ -63,6 +63,9 @@ class Report:
     data: dict  # report.json: every number the page shows
     sections: list[Section] = field(default_factory=list)
     ablation: AblationResult | None = None
+    # more files in the report folder: relative path -> writer(path), called inside the atomic write
+    # (e.g. "dynamics/llc.zarr", the LLC's per-chain traces)
+    files: dict = field(default_factory=dict)
 
     def figures(self) -> list[Figure]:
         return [b for s in self.sections for b in s.blocks if isinstance(b, Figure)]

@@ -146,7 +146,7 @@ BUILTINS: list[SectionSpec] = [  # page order
 ]
 BY_NAME = {s.name: s for s in BUILTINS}
 ANALYSES = tuple(s.name for s in BUILTINS if s.listed)  # what analyses=[...] may name, in page order
-DYNAMICS_BUILTINS = ("attention", "circuits", "ablation", "discovery")  # dynamics.analyses (+ the user's)
+DYNAMICS_BUILTINS = ("attention", "circuits", "ablation", "discovery", "llc")  # dynamics.analyses (+ the user's)
 _USER: dict[str, SectionSpec] = {}  # reference or plugin name -> its spec (loaded once per process)
 
 

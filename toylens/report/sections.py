@@ -31,6 +31,7 @@ class Context:
     folded: Any = None  # the folded model once the fold check passed
     ablation: Any = None  # AblationResult, for ablation.csv and wandb
     cache: dict = field(default_factory=dict)  # values several sections share (report_interventions: pairs)
+    files: dict = field(default_factory=dict)  # more files for the report folder: relative path -> writer(path)
 
     @functools.cached_property
     def batch(self):

@@ -2,8 +2,12 @@
 (``pip install 'toylens[devinterp]'``), with a chain-health check that turns a bad sampler setting into a warning
 naming the ``llc.*`` key to change; and the LLC at every saved checkpoint (``llc_over_checkpoints``).
 
-    res = llc(model, task)                # res.llc_mean, res.llc_std, res.loss_trace [chain, draw], res.health
-    res = llc_over_checkpoints(run)       # res.steps, res.llc_mean [step], res.loss_trace [step, chain, draw]
+    res = toylens.analyze.llc(model, task)  # .llc_mean, .llc_std, .loss_trace [chain, draw], .health
+    res = toylens.analyze.llc_over_checkpoints(run)  # .steps, .llc_mean [step], .loss_trace [step, chain, draw]
+
+In a report: ``toylens-analyze run=<dir> over=checkpoints dynamics.analyses=[llc]`` (settings: ``llc.*``, this
+module's ``LLCConfig``), beside the loss, head scores and circuit edges on one step axis
+(toylens/report/development.py).
 
 The estimator is devinterp's: ``n·β · (mean loss over the chain - loss at the checkpoint)`` with the chain drawn
 from the tempered, localised posterior ``exp(-n·β L(w) - γ/2 |w - w*|²)``. The loss ``L`` is the task's own: the
@@ -48,6 +52,7 @@ class LLCConfig:
     n_rows: int = 512
     seed: int = 0  # the rows (task.sample) and the chains' noise (devinterp's init_seed)
     burnin: int = 0  # devinterp averages every step, burn-in included (as Lau et al.'s estimator)
+    components: bool = False  # over checkpoints: also the LLC of each head's and each MLP's weights alone
 
 
 # chain-health thresholds (see ``chain_health``)
@@ -58,12 +63,17 @@ DRIFT_REL = 0.2  # last-quarter mean minus third-quarter mean, as a share of (me
 
 
 def _require_devinterp():
+    import logging
+
     try:
         import devinterp  # noqa: F401
         from devinterp.slt.llc import compute_llc
         from devinterp.slt.sampling import sample
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(INSTALL_HINT) from e
+    # its INFO lines (zarr stores, thread pools, timings: several per checkpoint) would reach the CLI's stdout under
+    # Hydra's logging set-up
+    logging.getLogger("devinterp").setLevel(logging.WARNING)
     return sample, compute_llc
 
 
@@ -173,22 +183,68 @@ def chain_health(trace: Tensor, init_loss: float, drift_ratio: Sequence[float], 
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, label: str, num_chains: int):
-    """devinterp's per-chain bar (draws of each chain), relabelled "LLC <label> chain i/n", or silenced."""
+def _sampler_quiet(enabled: bool, label: str, num_chains: int):
+    """devinterp's per-chain bar (draws of each chain), relabelled "LLC <label> chain i/n", or silenced; and its
+    ``gc.collect()`` before and after every chain skipped (0.25 s each here, a tenth of a checkpoint's LLC: the
+    chain's model copy is freed by reference counting)."""
     import devinterp.slt.sampler as sampler
 
-    orig = sampler.trange
+    orig, orig_gc = sampler.trange, sampler._gc_and_empty_cache
 
     def trange(*args, desc: str = "", **kw):
         chain = desc.replace("Chain ", "")
         return orig(*args, desc=f"LLC {label} chain {int(chain) + 1}/{num_chains} (draws)", disable=not enabled,
                     **{**kw, "leave": False})
 
-    sampler.trange = trange
+    sampler.trange, sampler._gc_and_empty_cache = trange, lambda: None
     try:
         yield
     finally:
-        sampler.trange = orig
+        sampler.trange, sampler._gc_and_empty_cache = orig, orig_gc
+
+
+class _GradNorms:
+    """|∇L| of the moving weights at every SGLD step of every chain, for the drift/noise check. Hooks go on each
+    chain's own model (devinterp deep-copies the checkpoint per chain; the reference model is never hooked) the first
+    time the loss function sees it; a step's norm is read when the next step's loss is computed. (devinterp's own
+    ``save_metrics`` decomposes every update and checks it with ``assert_close``: a third of the sampling time.)"""
+
+    def __init__(self, reference: torch.nn.Module, masks: dict | None):
+        self.reference, self.masks, self.chains = reference, masks, []
+
+    def watch(self, model: torch.nn.Module) -> None:
+        if model is self.reference or not torch.is_grad_enabled():
+            return
+        state = getattr(model, "_toylens_grad_sq", None)
+        if state is None:
+            sq: dict[str, Tensor] = {}
+            steps: list[float] = []
+            for name, p in model.named_parameters():
+                if p.requires_grad and (self.masks is None or name in self.masks):
+                    m = None if self.masks is None else self.masks[name]
+                    m = None if m is None else m.to(p.device, p.dtype)
+                    p.register_post_accumulate_grad_hook(
+                        lambda p, name=name, m=m: sq.__setitem__(name, (p.grad if m is None else p.grad * m)
+                                                                 .double().pow(2).sum()))
+            model._toylens_grad_sq = state = (sq, steps)
+            self.chains.append(steps)
+        sq, steps = state
+        if sq:
+            steps.append(float(torch.stack(list(sq.values())).sum().sqrt()))
+            sq.clear()
+
+    def drift_ratio(self, lr: float, n_beta: float, n_params: int) -> list[float]:
+        """Per chain: the median over steps of |ε/2 n·β ∇L| / E|√ε ξ| (E|ξ| = √(moving weights))."""
+        noise = math.sqrt(lr * n_params)
+        return [float(torch.tensor(c).median()) * 0.5 * lr * n_beta / noise if c else math.nan for c in self.chains]
+
+
+def _wrap(loss_fn, meter: _GradNorms):
+    def wrapped(model, input_ids):
+        meter.watch(model)
+        return loss_fn(model, input_ids)
+
+    return wrapped
 
 
 def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress: bool = False, label: str = "",
@@ -206,41 +262,40 @@ def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress:
     init_batches = max(1, n_rows // cfg.batch_size)
     device = device or str(next(model.parameters()).device)
     was_training = model.training
-    failed: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="toylens-llc-") as tmp, warnings.catch_warnings(record=True) as w, \
-            _progress(progress, label, cfg.num_chains):
-        warnings.simplefilter("always")
-        try:
-            samples = sample(model, dataset, {}, lr=cfg.lr, n_beta=cfg.n_beta, localization=cfg.localization,
-                             param_masks=param_masks, num_chains=cfg.num_chains, num_draws=cfg.num_draws,
-                             batch_size=cfg.batch_size, num_burnin_steps=cfg.burnin,
-                             num_init_loss_batches=init_batches, init_seed=cfg.seed, device=device, save_metrics=True,
-                             output_path=f"{tmp}/samples.zarr", loss_fn=loss_fn)
-        except (RuntimeError, AssertionError, ValueError) as e:
-            # devinterp's metric bookkeeping raises (a NaN tolerance) on the step where the weights blow up
-            samples = None
-            failed.append(f"sampling stopped with {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-        if samples is not None:
-            out = compute_llc(samples)
-            ds = samples.dataset
-            trace = torch.as_tensor(out.loss_trace.values, dtype=torch.float64)
-            drift = torch.as_tensor(ds["metrics_scaled_grad"].values, dtype=torch.float64)
-            noise = torch.as_tensor(ds["metrics_noise"].values, dtype=torch.float64)
-            ratio = (drift / noise.clamp(min=1e-30)).nan_to_num(nan=math.inf).median(-1).values.tolist()
-            per_chain = [float(v) for v in out.llc_per_chain.values]
-            init_loss, mean, std = float(out.init_loss), float(out.llc_mean), float(out.llc_std)
-            samples.close()
-        else:
-            trace = torch.full((cfg.num_chains, cfg.num_draws), math.nan, dtype=torch.float64)
-            ratio, per_chain = [math.nan] * cfg.num_chains, [math.nan] * cfg.num_chains
-            init_loss, mean, std = math.nan, math.nan, math.nan
-        failed += [str(x.message) for x in w if "Chain failed" in str(x.message)]
-    model.train(was_training)
     if param_masks is None:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         named = dict(model.named_parameters())
         n_params = sum(named[k].numel() if m is None else int(m.count_nonzero()) for k, m in param_masks.items())
+    meter = _GradNorms(model, param_masks)
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="toylens-llc-") as tmp, warnings.catch_warnings(record=True) as w, \
+            _sampler_quiet(progress, label, cfg.num_chains):
+        warnings.simplefilter("always")
+        try:
+            samples = sample(model, dataset, {}, lr=cfg.lr, n_beta=cfg.n_beta, localization=cfg.localization,
+                             param_masks=param_masks, num_chains=cfg.num_chains, num_draws=cfg.num_draws,
+                             batch_size=cfg.batch_size, num_burnin_steps=cfg.burnin,
+                             num_init_loss_batches=init_batches, init_seed=cfg.seed, device=device,
+                             output_path=f"{tmp}/samples.zarr", loss_fn=_wrap(loss_fn, meter))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            # devinterp's bookkeeping raises (a NaN tolerance) on the step where the weights blow up
+            samples = None
+            failed.append(f"sampling stopped with {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        if samples is not None:
+            out = compute_llc(samples)
+            trace = torch.as_tensor(out.loss_trace.values, dtype=torch.float64)
+            per_chain = [float(v) for v in out.llc_per_chain.values]
+            init_loss, mean, std = float(out.init_loss), float(out.llc_mean), float(out.llc_std)
+            samples.close()
+        else:
+            trace = torch.full((cfg.num_chains, cfg.num_draws), math.nan, dtype=torch.float64)
+            per_chain = [math.nan] * cfg.num_chains
+            init_loss, mean, std = math.nan, math.nan, math.nan
+        failed += [str(x.message) for x in w if "Chain failed" in str(x.message)]
+    model.train(was_training)
+    ratio = meter.drift_ratio(cfg.lr, cfg.n_beta, n_params)
+    ratio += [math.nan] * (cfg.num_chains - len(ratio))
     health = chain_health(trace, init_loss, ratio, failed)
     return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, init_loss=init_loss, loss_trace=trace.float(),
                      drift_ratio=ratio, settings={**asdict(cfg), "n_rows": n_rows}, health=health, n_params=n_params)
@@ -313,14 +368,16 @@ class LLCDynamics(Result):
 
 
 def llc_over_checkpoints(run, steps: Sequence[int] | None = None, cfg: LLCConfig | None = None, *,
-                         components: bool = False, device: str = "cpu", progress: bool = True,
+                         components: bool | None = None, device: str = "cpu", progress: bool = True,
                          **overrides) -> LLCDynamics:
-    """``llc`` at every checkpoint of ``run`` (or ``steps``), on the same rows of its task, the same seeds."""
+    """``llc`` at every checkpoint of ``run`` (or ``steps``), on the same rows of its task, the same seeds;
+    ``components`` (default ``cfg.components``): also each head's and MLP's LLC (``component_masks``)."""
     import time
 
     from tqdm.auto import tqdm
 
     cfg = LLCConfig(**{**asdict(cfg or LLCConfig()), **overrides})
+    components = cfg.components if components is None else components
     steps = sorted(run.check_step(s) for s in (run.steps if steps is None else steps))
     dataset, n = task_rows(run.task, cfg.n_rows, cfg.seed)
     loss_fn = masked_loss_fn(n)
@@ -344,18 +401,3 @@ def llc_over_checkpoints(run, steps: Sequence[int] | None = None, cfg: LLCConfig
                        loss_trace=torch.stack([r.loss_trace for r in rows]), warnings=warns,
                        settings=asdict(cfg), components={k: torch.tensor(v) for k, v in comps.items()},
                        seconds_per_checkpoint=secs)
-
-
-def llc_analysis(model, run, batch) -> dict:
-    """The LLC (default ``LLCConfig``) as an analysis of the report's user-analysis contract, so that
-    ``toylens-analyze run=<dir> over=checkpoints dynamics.analyses=[toylens.analyze.llc:llc_analysis]`` plots it
-    against the step until ``dynamics.analyses=[llc]`` is a built-in; the warnings name the key to change."""
-    if run is None:
-        raise ValueError("the LLC needs a toylens run of its task (its loss); this is a pretrained model")
-    with torch.enable_grad():
-        r = llc(model, run.task)
-    return {"llc": r.llc_mean, "llc_std": r.llc_std, "init_loss": r.init_loss, "chains_ok": float(r.health["ok"]),
-            "warnings": [w["text"] for w in r.health["warnings"]], "llc_per_chain": r.llc_per_chain}
-
-
-llc_analysis.applies = lambda run: None if run is not None else "the LLC needs a toylens run of its task"
