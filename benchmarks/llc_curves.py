@@ -50,21 +50,28 @@ def main() -> None:
         res = llc_over_checkpoints(run, progress=False, **over)
         total = time.perf_counter() - t0
         losses = eval_loss_by_step(path)
+        used = res.settings
         print(f"\n{path} (task {run.task.name}): {len(res.steps)} checkpoints in {total:.1f} s "
-              f"({res.seconds_per_checkpoint:.2f} s each)")
+              f"({res.seconds_per_checkpoint:.2f} s each, calibration {res.calibration_s:.1f} s)")
+        print(f"settings: lr {used['lr']:g} (pilots {used.get('lr_pilots', 'none: given')}), {used['num_chains']} "
+              f"chains x {used['num_draws']} draws, n_beta {used['n_beta']:g}, localization {used['localization']:g}")
         print(f"{'step':>6} {'LLC':>9} {'± std':>7} {'init loss':>10} {'eval loss':>10}  health")
         for i, s in enumerate(res.steps):
             warn = ",".join(w["check"] for w in res.warnings.get(s, [])) or "ok"
             print(f"{s:>6} {float(res.llc_mean[i]):>9.2f} {float(res.llc_std[i]):>7.2f} "
                   f"{float(res.init_loss[i]):>10.4f} {losses.get(s, math.nan):>10.4f}  {warn}")
-        st = describe(find_stages(res.steps, res.llc_mean.tolist()), res.steps,
-                      {"init loss": res.init_loss.tolist()})
+        keep = [i for i, v in enumerate(res.usable_mean()) if v == v]  # diverged checkpoints left out
+        ks = [res.steps[i] for i in keep]
+        st = describe(find_stages(ks, [res.usable_mean()[i] for i in keep]), ks,
+                      {"init loss": [float(res.init_loss[i]) for i in keep]})
         print("stages:")
         for x in st:
             print("  " + x["text"])
         summary.append({"run": path, "task": run.task.name, "steps": res.steps,
                         "llc_mean": [round(float(v), 3) for v in res.llc_mean],
                         "seconds_per_checkpoint": round(res.seconds_per_checkpoint, 2),
+                        "calibration_s": round(res.calibration_s, 1), "lr": used["lr"],
+                        "diverged": res.diverged_steps(),
                         "stages": [{k: x[k] for k in ("from_step", "to_step", "kind")} for x in st]})
     print(json.dumps(summary))
 

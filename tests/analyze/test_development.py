@@ -80,6 +80,9 @@ def test_a_diverging_step_size_is_a_warning_naming_llc_lr(run_dir, tmp_path):
     assert all(w[0]["check"] == "diverged" and w[0]["key"] == "llc.lr" for w in warned.values())
     page = index.read_text()
     assert "LLC chain health (diverged) at 6 of 6 checkpoints" in page and "lower llc.lr" in page
+    dev = data["development"]  # no stages read off a curve that means nothing
+    assert dev["stages"] == [] and dev["skipped"].startswith("the LLC chains diverged at 6 of 6 checkpoints")
+    assert "Stages not read" in page
 
 
 @pytest.mark.parametrize("key,value,needle", [

@@ -145,3 +145,24 @@ def test_drift_to_noise_ratio_matches_the_quadratics_stationary_chain():
         want = math.sqrt(x) / (2 * math.sqrt(1 - x / 4))
         assert sum(r.drift_ratio) / len(r.drift_ratio) == pytest.approx(want, rel=0.12), (lr, r.drift_ratio)
         assert any(w["check"] == "step_size" and w["key"] == "llc.lr" for w in r.health["warnings"]) == fires
+
+
+def test_lr_none_takes_the_largest_healthy_step_of_the_ladder():
+    # n·β = 1e5 on the quadratic: ε n·β = 10 (1e-4) blows up; 3 and 1 (3e-5, 1e-5) are stable but their drift is
+    # 1.7x and 0.58x their noise (see the test above); 0.3 (3e-6) is healthy: 0.28x.
+    r = _llc(2, lr=None, n_beta=1e5, num_chains=2, num_draws=100)
+    pilots = r.settings["lr_pilots"]
+    assert [(p["lr"], p["ok"]) for p in pilots] == [(1e-4, False), (3e-5, False), (1e-5, False), (3e-6, True)]
+    assert pilots[0]["checks"] == ["diverged"] and pilots[1]["checks"] == pilots[2]["checks"] == ["step_size"]
+    assert r.settings["lr"] == 3e-6 and r.settings["num_draws"] == 100 and r.health["ok"], r.health
+    given = _llc(2, num_draws=50)  # a given lr: no pilots
+    assert "lr_pilots" not in given.settings and given.settings["lr"] == SETTINGS.lr
+
+
+def test_auto_draws_hold_the_sgld_time_in_whole_epochs():
+    from toylens.analyze.learning_coefficient import auto_draws
+
+    assert auto_draws(1e-4, 512, 32) == 64  # 64 draws = 4 epochs of 16 batches
+    assert auto_draws(3e-5, 512, 32) == 224  # 6.4e-3 / 3e-5 = 213.3 -> 14 epochs
+    assert auto_draws(1e-3, 512, 32) == 64  # never fewer than 64
+    assert auto_draws(1e-4, 100, 32) == 66  # 3 batches an epoch

@@ -18,6 +18,7 @@ cross-entropy of ``targets`` where ``loss_mask`` is true, over ``n_rows`` rows t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import warnings
@@ -35,17 +36,20 @@ INSTALL_HINT = "the LLC needs devinterp: pip install 'toylens[devinterp]' (devin
 
 @dataclass
 class LLCConfig:
-    """The ``llc.*`` keys. Defaults measured on experiment=induction_heads (2 layers x 4 heads, d_model 64, 42k
+    """The ``llc.*`` keys. n·β and γ measured on experiment=induction_heads (2 layers x 4 heads, d_model 64, 42k
     parameters; benchmarks/README.md, "LLC over checkpoints"): a trained checkpoint (loss 0.17) sits in a sharp
     minimum, so a small n·β (30) or γ (100) lets the chain climb to loss 1-4 and the estimate follows γ, not the
     model; n·β = γ = 1000 with ε = 1e-4 keeps the chain within ~0.03 nats of the checkpoint and its trace flat
-    after the first ~20 draws, at every checkpoint of that run."""
+    after the first ~20 draws, at every checkpoint of that run. ε = 1e-4 blows up on experiment=grokking's
+    weight-decayed model (loss 1e30 within 64 draws), hence ``lr=None``: the largest ε of ``LR_LADDER`` whose
+    pilot chain at the (last) checkpoint stays healthy, and ``num_draws=None``: as many draws as keep ε x draws
+    (the chain's SGLD time) at 64 x 1e-4."""
 
-    lr: float = 1e-4  # SGLD step size ε; the drift/noise check below says when it is too large
+    lr: float | None = None  # SGLD step size ε; None: auto (calibrate); the drift/noise check says when too large
     n_beta: float = 1000.0  # n·β, the inverse temperature times the sample size
     localization: float = 1000.0  # γ, the pull back to the checkpoint's weights
     num_chains: int = 3  # independent chains (their spread is llc_std)
-    num_draws: int = 64  # SGLD steps per chain, one draw each (a multiple of n_rows / batch_size: whole epochs)
+    num_draws: int | None = None  # SGLD steps per chain, one draw each; None: 64 x (1e-4 / ε), whole epochs
     batch_size: int = 32
     # The loss is the mean over these rows: the init loss is read on all of them and each chain cycles through
     # whole epochs of them, so minibatch noise cancels out of mean - init instead of being multiplied by n·β.
@@ -55,8 +59,19 @@ class LLCConfig:
     components: bool = False  # over checkpoints: also the LLC of each head's and each MLP's weights alone
 
 
+LR_LADDER = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6)  # lr=None tries these in turn (pilot: 1 chain, 64 draws)
+SGLD_TIME = 64 * 1e-4  # num_draws=None: draws x ε held at this
+
+
+def auto_draws(lr: float, n_rows: int, batch_size: int) -> int:
+    """Draws that keep ε x draws at ``SGLD_TIME``, rounded up to whole epochs of the rows (at least 64)."""
+    epoch = max(1, n_rows // batch_size)
+    want = max(64, math.ceil(SGLD_TIME / lr - 1e-9))
+    return epoch * math.ceil(want / epoch)
+
+
 # chain-health thresholds (see ``chain_health``)
-DIVERGE_FACTOR, DIVERGE_ABS = 3.0, 0.5  # a chain whose loss passes 3 x init + 0.5 has left the basin
+DIVERGE_FACTOR, DIVERGE_ABS = 3.0, 0.5  # a chain whose loss passes 3 x (init + 0.5) has blown up
 FLAT_REL = 1e-6  # a trace moving less than this (relative to the init loss) has not moved at all
 DRIFT_MAX = 0.5  # median |ε/2 n·β ∇L| / |√ε ξ|: above it the step is too large for the loss's curvature
 DRIFT_REL = 0.2  # last-quarter mean minus third-quarter mean, as a share of (mean - init): still drifting
@@ -139,8 +154,8 @@ class LLCResult(Result):
 def chain_health(trace: Tensor, init_loss: float, drift_ratio: Sequence[float], failed: Sequence[str] = ()) -> dict:
     """Whether the chains can be trusted, with one warning per problem naming the ``llc.*`` key to change:
 
-    diverged: a non-finite loss, a chain devinterp stopped, or a loss past ``DIVERGE_FACTOR`` x init +
-    ``DIVERGE_ABS`` -> lower ``llc.lr`` (or raise ``llc.localization``); flat: the trace never moves -> raise
+    diverged: a non-finite loss, a chain devinterp stopped, or a loss past ``DIVERGE_FACTOR`` x (init +
+    ``DIVERGE_ABS``) -> lower ``llc.lr`` (or raise ``llc.localization``); flat: the trace never moves -> raise
     ``llc.lr``; step size: SGLD's drift exceeds ``DRIFT_MAX`` x its noise (the proxy for a Metropolis test's
     acceptance, which devinterp 2 does not compute) -> lower ``llc.lr``; still drifting: the last quarter's
     mean differs from the third's by more than ``DRIFT_REL`` of (mean - init) -> raise ``llc.num_draws``
@@ -148,11 +163,11 @@ def chain_health(trace: Tensor, init_loss: float, drift_ratio: Sequence[float], 
     """
     warn: list[dict] = []
     finite = bool(torch.isfinite(trace).all())
-    limit = DIVERGE_FACTOR * init_loss + DIVERGE_ABS
+    limit = DIVERGE_FACTOR * (init_loss + DIVERGE_ABS)
     if failed or not finite or (finite and float(trace.max()) > limit):
         why = (failed[0] if failed else "the loss became NaN or inf" if not finite else
-               f"the loss rose to {float(trace.max()):.3g}, past {DIVERGE_FACTOR:g} x the init loss "
-               f"{init_loss:.3g} + {DIVERGE_ABS:g}")
+               f"the loss rose to {float(trace.max()):.3g}, past {DIVERGE_FACTOR:g} x (the init loss "
+               f"{init_loss:.3g} + {DIVERGE_ABS:g})")
         warn.append({"check": "diverged", "key": "llc.lr",
                      "text": f"SGLD diverged ({why}): lower llc.lr (or raise llc.localization)"})
     elif float((trace - init_loss).abs().max()) <= FLAT_REL * max(abs(init_loss), 1e-3):
@@ -258,6 +273,7 @@ def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress:
     if dataset is None:
         dataset, n = task_rows(task, cfg.n_rows, cfg.seed)
         loss_fn = masked_loss_fn(n)
+    cfg, pilots = resolve_settings(cfg, model, dataset, loss_fn, param_masks, device)
     n_rows = len(dataset)
     init_batches = max(1, n_rows // cfg.batch_size)
     device = device or str(next(model.parameters()).device)
@@ -297,8 +313,29 @@ def llc(model: torch.nn.Module, task, cfg: LLCConfig | None = None, *, progress:
     ratio = meter.drift_ratio(cfg.lr, cfg.n_beta, n_params)
     ratio += [math.nan] * (cfg.num_chains - len(ratio))
     health = chain_health(trace, init_loss, ratio, failed)
+    settings = {**asdict(cfg), "n_rows": n_rows, **({"lr_pilots": pilots} if pilots else {})}
     return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=per_chain, init_loss=init_loss, loss_trace=trace.float(),
-                     drift_ratio=ratio, settings={**asdict(cfg), "n_rows": n_rows}, health=health, n_params=n_params)
+                     drift_ratio=ratio, settings=settings, health=health, n_params=n_params)
+
+
+def resolve_settings(cfg: LLCConfig, model, dataset, loss_fn, param_masks=None, device=None,
+                     ) -> tuple[LLCConfig, list[dict]]:
+    """``cfg`` with ``lr=None`` and ``num_draws=None`` made concrete. The step size: the first of ``LR_LADDER``
+    whose pilot chain (1 chain, 64 draws, on ``model``) neither diverges nor takes steps large against its noise
+    (the smallest when none does: the full run's health check then says so); returns the pilots tried
+    (``[{"lr", "ok", "checks"}]``, empty when ``lr`` was given)."""
+    pilots: list[dict] = []
+    lr = cfg.lr
+    if lr is None:
+        for lr in LR_LADDER:
+            r = llc(model, None, dataclasses.replace(cfg, lr=lr, num_chains=1, num_draws=64, burnin=0),
+                    param_masks=param_masks, dataset=dataset, loss_fn=loss_fn, device=device)
+            bad = [w["check"] for w in r.health["warnings"] if w["check"] in ("diverged", "step_size")]
+            pilots.append({"lr": lr, "ok": not bad, "checks": bad})
+            if not bad:
+                break
+    draws = cfg.num_draws if cfg.num_draws is not None else auto_draws(lr, len(dataset), cfg.batch_size)
+    return dataclasses.replace(cfg, lr=lr, num_draws=draws), pilots
 
 
 def component_masks(model) -> dict[str, dict]:
@@ -336,6 +373,7 @@ class LLCDynamics(Result):
     settings: dict
     components: dict[str, Tensor] = field(default_factory=dict)
     seconds_per_checkpoint: float = 0.0
+    calibration_s: float = 0.0  # the step-size pilots (lr=None), once for all checkpoints
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -354,15 +392,27 @@ class LLCDynamics(Result):
         return xr.Dataset(data, coords={"step": self.steps},
                           attrs={k: str(v) for k, v in self.settings.items()})
 
+    def diverged_steps(self) -> list[int]:
+        """Checkpoints whose chains diverged (or whose estimate is not finite): their value means nothing."""
+        return [s for i, s in enumerate(self.steps) if not math.isfinite(float(self.llc_mean[i]))
+                or any(w["check"] == "diverged" for w in self.warnings.get(s, []))]
+
+    def usable_mean(self) -> list[float]:
+        """``llc_mean`` with the diverged checkpoints as NaN (a gap in a curve, left out of the stages)."""
+        bad = set(self.diverged_steps())
+        return [math.nan if s in bad else float(v) for s, v in zip(self.steps, self.llc_mean, strict=True)]
+
     def figures(self) -> dict:
         import plotly.graph_objects as go
 
         x = self.steps
-        fig = go.Figure(go.Scatter(x=x, y=self.llc_mean.tolist(), mode="lines+markers", name="LLC",
+        fig = go.Figure(go.Scatter(x=x, y=self.usable_mean(), mode="lines+markers", name="LLC",
                                    error_y=dict(type="data", array=self.llc_std.tolist(), visible=True)))
         for c, v in self.components.items():
             fig.add_trace(go.Scatter(x=x, y=v.tolist(), mode="lines", name=f"LLC {c}", line=dict(dash="dot")))
-        fig.update_layout(title="Local learning coefficient per checkpoint (mean ± std over chains)",
+        bad = self.diverged_steps()
+        fig.update_layout(title="Local learning coefficient per checkpoint (mean ± std over chains)"
+                                + (f"; {len(bad)} diverged checkpoints left out" if bad else ""),
                           xaxis_title="step", yaxis_title="LLC")
         return {"llc/curve": fig}
 
@@ -381,6 +431,11 @@ def llc_over_checkpoints(run, steps: Sequence[int] | None = None, cfg: LLCConfig
     steps = sorted(run.check_step(s) for s in (run.steps if steps is None else steps))
     dataset, n = task_rows(run.task, cfg.n_rows, cfg.seed)
     loss_fn = masked_loss_fn(n)
+    # one step size and length for every checkpoint (comparable estimates), calibrated where the minimum is
+    # usually sharpest: the last checkpoint
+    t_cal = time.perf_counter()
+    cfg, pilots = resolve_settings(cfg, run.model(steps[-1], device=device), dataset, loss_fn, device=device)
+    t_cal = time.perf_counter() - t_cal
     rows, comps, warns = [], {}, {}
     t0 = time.perf_counter()
     for step in tqdm(steps, disable=not progress, desc="LLC over checkpoints"):
@@ -399,5 +454,6 @@ def llc_over_checkpoints(run, steps: Sequence[int] | None = None, cfg: LLCConfig
                        llc_std=torch.tensor([r.llc_std for r in rows]),
                        init_loss=torch.tensor([r.init_loss for r in rows]),
                        loss_trace=torch.stack([r.loss_trace for r in rows]), warnings=warns,
-                       settings=asdict(cfg), components={k: torch.tensor(v) for k, v in comps.items()},
-                       seconds_per_checkpoint=secs)
+                       settings={**asdict(cfg), **({"lr_pilots": pilots} if pilots else {})},
+                       components={k: torch.tensor(v) for k, v in comps.items()},
+                       seconds_per_checkpoint=secs, calibration_s=t_cal)

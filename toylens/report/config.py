@@ -201,16 +201,16 @@ def _validate_discovery(dc: DiscoveryConfig) -> None:
 
 def _validate_llc(c: LLCConfig) -> None:
     """The ``llc.*`` keys, and devinterp being installed (before any checkpoint is loaded)."""
-    for key in ("lr", "n_beta"):
-        v = getattr(c, key)
-        _need(v > 0, f"llc.{key}={v} must be positive (default {getattr(LLCConfig, key)})")
+    _need(c.lr is None or c.lr > 0, f"llc.lr={c.lr} must be positive, or null to calibrate it (the default)")
+    _need(c.n_beta > 0, f"llc.n_beta={c.n_beta} must be positive (default {LLCConfig.n_beta})")
     _need(c.localization >= 0, f"llc.localization={c.localization} must be >= 0 (default {LLCConfig.localization})")
     _need(c.num_chains >= 1, f"llc.num_chains={c.num_chains} must be at least 1 (default {LLCConfig.num_chains})")
-    _need(c.num_draws >= 8, f"llc.num_draws={c.num_draws} must be at least 8 (the chain-health check reads its "
-                            f"quarters; default {LLCConfig.num_draws})")
+    _need(c.num_draws is None or c.num_draws >= 8, f"llc.num_draws={c.num_draws} must be at least 8 (the "
+                                                   f"chain-health check reads its quarters), or null (the default)")
     _need(c.batch_size >= 1, f"llc.batch_size={c.batch_size} must be at least 1")
     _need(c.n_rows >= c.batch_size, f"llc.n_rows={c.n_rows} must be at least llc.batch_size={c.batch_size}")
-    _need(0 <= c.burnin < c.num_draws, f"llc.burnin={c.burnin} must lie in [0, llc.num_draws={c.num_draws})")
+    draws = 64 if c.num_draws is None else c.num_draws  # null: at least 64
+    _need(0 <= c.burnin < draws, f"llc.burnin={c.burnin} must lie in [0, llc.num_draws={draws})")
     try:
         import devinterp  # noqa: F401
     except ImportError:

@@ -27,9 +27,11 @@ def llc_blocks(ctx, steps) -> tuple[list, object]:
 
     cfg = ctx.cfg.llc
     if ctx.cfg.progress:
-        print(f"toylens-analyze: LLC over checkpoints ({cfg.num_chains} chains x {cfg.num_draws} draws each) ...",
-              file=sys.stderr, flush=True)
+        how = "calibrating the step size, then " if cfg.lr is None else ""
+        print(f"toylens-analyze: LLC over checkpoints ({how}{cfg.num_chains} chains each) ...", file=sys.stderr,
+              flush=True)
     res = llc_over_checkpoints(ctx.run, steps, cfg, device=ctx.device, progress=ctx.cfg.progress)
+    st = res.settings
     d = jsonable(res.to_dict())
     d["file"] = LLC_FILE
     ctx.data.setdefault("dynamics", {})["llc"] = d
@@ -42,14 +44,22 @@ def llc_blocks(ctx, steps) -> tuple[list, object]:
         f"LLC by SGLD (devinterp) on the task's own loss over {cfg.n_rows} fixed rows of its training distribution: "
         f"{mean[0]:.3g} at step {res.steps[0]}, {max(mean):.3g} at most (step {res.steps[mean.index(max(mean))]}), "
         f"{mean[-1]:.3g} at step {res.steps[-1]}; {res.seconds_per_checkpoint:.1f} s per checkpoint. Settings: "
-        f"llc.lr={cfg.lr:g}, llc.n_beta={cfg.n_beta:g}, llc.localization={cfg.localization:g}, "
-        f"{cfg.num_chains} chains x {cfg.num_draws} draws; traces in {LLC_FILE}.", "info"))
+        f"llc.lr={st['lr']:g}{_pilots_text(st.get('lr_pilots'))}, llc.n_beta={st['n_beta']:g}, "
+        f"llc.localization={st['localization']:g}, {st['num_chains']} chains x {st['num_draws']} draws"
+        f"{' (ε x draws held at 64 x 1e-4)' if cfg.num_draws is None else ''}; traces in {LLC_FILE}.", "info"))
     figs = res.figures()
     figs["llc/traces"] = _traces_figure(res)
     for name, fig in figs.items():
         fig.update_layout(height=400, margin=dict(l=60, r=20, t=56, b=50), title_font_size=14, title_x=0.02)
         blocks.append(Figure(f"dynamics/{name}", fig))
     return blocks, res
+
+
+def _pilots_text(pilots) -> str:
+    if not pilots:
+        return ""
+    tried = ", ".join(f"{p['lr']:g} {'ok' if p['ok'] else '/'.join(p['checks'])}" for p in pilots)
+    return f" (calibrated on the last checkpoint: {tried})"
 
 
 def health_notes(warnings: dict, steps: list[int]) -> list[Note]:
@@ -87,16 +97,28 @@ def development_blocks(ctx, res, llc_res, data: dict) -> list:
     from toylens.analyze.stages import describe, find_stages, formation_steps, overlapping, stage_events
 
     steps = list(res.steps)
-    llc = llc_res.llc_mean.tolist()
+    llc = llc_res.usable_mean()  # diverged checkpoints: NaN, read by nothing below
     n = len(steps)
+    bad = llc_res.diverged_steps()
+    if len(bad) * 4 > n or n - len(bad) < 3:  # a curve with holes that large has no stages to read
+        why = (f"the LLC chains diverged at {len(bad)} of {n} checkpoints (steps {', '.join(map(str, bad[:8]))}"
+               f"{' ...' if len(bad) > 8 else ''}); lower llc.lr (or leave it null to calibrate) and run again")
+        ctx.data["development"] = {"signal": "llc", "stages": [], "skipped": why}
+        return ["Development: stages of the LLC beside the circuit that forms",
+                Note(f"Stages not read: {why}.", "warn")]
+    keep = [i for i, v in enumerate(llc) if v == v]
     heads = _head_series(res)
     formed = formation_steps(steps, heads)
     grok = (ctx.data.get("dynamics_canon") or {}).get("grokking")
     signals = {"loss": res.loss.tolist(), **{k: heads[k] for k in formed}}
+    if grok and grok.get("steps") != steps:
+        grok = None  # computed on other checkpoints: nothing to line up
     if grok:
         signals |= {k: v for k, v in grok["losses"].items() if k.startswith(("restricted", "excluded"))}
     edges = (data.get("discovery") or {}).get("formed_at") or {}
-    stages = stage_events(describe(find_stages(steps, llc), steps, signals),
+    ksteps = [steps[i] for i in keep]  # the stages are read off the usable checkpoints only
+    stages = stage_events(describe(find_stages(ksteps, [llc[i] for i in keep]), ksteps,
+                                   {k: [v[i] for i in keep] for k, v in signals.items()}),
                           {"heads_formed": formed, "edges_formed": edges})
     loss = res.loss.tolist()
     phases = {k: v for k, v in (grok or {}).get("phases", {}).items() if k != "note"}
@@ -108,12 +130,16 @@ def development_blocks(ctx, res, llc_res, data: dict) -> list:
         st["text"] = _stage_text(st)
     ctx.data["development"] = {
         "signal": "llc", "stages": stages, "boundaries": [st["from_step"] for st in stages[1:]],
+        "left_out_steps": bad,
         "heads_formed": formed, "edges_formed": edges,
         "rules": "stages: the LLC curve smoothed over 3 checkpoints, each checkpoint labelled rising/falling/plateau "
                  "(|slope| <= 0.3 x the largest), runs shorter than 2 checkpoints merged; a head forms a score when "
                  "it rises >= 0.2, at the first checkpoint with half its rise; an edge forms at half its final "
                  "|score|"}
     blocks: list = ["Development: stages of the LLC beside the circuit that forms"]
+    if bad:
+        blocks.append(Note(f"The LLC chains diverged at {len(bad)} of {n} checkpoints (steps "
+                           f"{', '.join(map(str, bad))}): left out of the curve and the stages.", "warn"))
     if n < 5:
         blocks.append(Note(f"Only {n} checkpoints: too few to read stages off a curve; save more (e.g. "
                            f"train.checkpoint_every=25 train.keep_last=1000).", "warn"))
@@ -176,7 +202,7 @@ def shared_axis_figure(steps, llc_res, res, heads, formed, edges, grok, stages) 
     fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=[r[0] for r in rows])
     at = {name: i + 1 for i, (name, _) in enumerate(rows)}
-    mean, std = llc_res.llc_mean.tolist(), llc_res.llc_std.tolist()
+    mean, std = llc_res.usable_mean(), llc_res.llc_std.tolist()
     fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines+markers", name="LLC",
                              error_y=dict(type="data", array=std, visible=True)), row=1, col=1)
     for c, v in llc_res.components.items():
