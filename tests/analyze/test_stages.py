@@ -67,3 +67,13 @@ def test_stage_events_and_overlaps():
     spans = {"memorisation": [0, 50], "circuit_formation": [50, 150], "cleanup": [150, 175], "none": None}
     assert overlapping(stages[0], spans) == ["memorisation", "circuit_formation"]
     assert overlapping(stages[1], spans) == ["circuit_formation", "cleanup"]
+
+
+def test_a_steep_rise_does_not_hide_a_long_gentle_fall():
+    # grokking's LLC shape: up 300 in 4 checkpoints, down 280 over 20, then flat for 20; the fall is 5x gentler
+    # than the rise, and still a stage of its own
+    steps = [25 * i for i in range(45)]
+    v = [75.0 * i if i <= 4 else 300 - 14.0 * (i - 4) if i <= 24 else 20.0 for i in range(45)]
+    st = find_stages(steps, v)
+    assert [s["kind"] for s in st] == ["rising", "falling", "plateau"], st
+    assert abs(boundaries(st)[0] - 100) <= 25 and abs(boundaries(st)[1] - 600) <= 25

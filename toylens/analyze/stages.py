@@ -1,7 +1,7 @@
 """Developmental stages from a curve over checkpoints (Hoogland et al. 2024: stages read off the LLC curve's
 plateaus and critical points). The curve is smoothed, its slope taken per step, and each checkpoint labelled
-rising, falling or plateau (|slope| at most ``plateau`` = 0.3 x the largest |slope|); a boundary is where the label
-changes: a slope-sign change (a critical point) or a plateau starting or ending. Runs shorter than ``min_len``
+rising, falling or plateau (|slope| at most ``plateau`` = 0.5 x the mean |slope|); a boundary is where the
+label changes: a slope-sign change (a critical point) or a plateau starting or ending. Runs shorter than ``min_len``
 checkpoints are merged into the one before, so noise does not make a stage.
 
     stages = find_stages(steps, llc_mean)                    # [{"from_step", "to_step", "kind", "change"}, ...]
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PLATEAU = 0.3  # |slope| <= 30% of the curve's largest |slope|: a plateau
+PLATEAU = 0.5  # |slope| <= half the curve's mean |slope|: a plateau
 WINDOW = 3  # smoothing: centred moving average over this many checkpoints
 MIN_LEN = 2  # a run of one label shorter than this is noise, merged into its neighbour
 
@@ -33,7 +33,9 @@ def labels(steps: Sequence[int], values: Sequence[float], plateau: float = PLATE
     if len(s) < 2:
         return ["plateau"] * len(s)
     slope = np.gradient(s, np.asarray(steps, dtype=float))
-    top = float(np.abs(slope).max())
+    # against the mean |slope|, not the largest: one steep transition (grokking's memorisation, where the LLC
+    # rises ~10x faster than it later falls) must not turn every gentler change into a "plateau"
+    top = float(np.abs(slope).mean())
     if top == 0:
         return ["plateau"] * len(s)
     return ["plateau" if abs(g) <= plateau * top else "rising" if g > 0 else "falling" for g in slope]
@@ -73,9 +75,10 @@ def find_stages(steps: Sequence[int], values: Sequence[float], plateau: float = 
     s = smooth(values, window)
     out = []
     for k, (kind, a, b) in enumerate(runs):
-        b_end = runs[k + 1][1] if k + 1 < len(runs) else b  # a stage ends where the next begins
-        out.append({"from_step": steps[a], "to_step": steps[b_end], "kind": kind, "start": float(s[a]),
-                    "end": float(s[b_end]), "change": float(s[b_end] - s[a])})
+        # stages share their boundary checkpoint: the last of a run (a peak or trough belongs to both sides)
+        a = runs[k - 1][2] if k else a
+        out.append({"from_step": steps[a], "to_step": steps[b], "kind": kind, "start": float(s[a]),
+                    "end": float(s[b]), "change": float(s[b] - s[a])})
     return out
 
 

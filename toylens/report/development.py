@@ -133,9 +133,9 @@ def development_blocks(ctx, res, llc_res, data: dict) -> list:
         "left_out_steps": bad,
         "heads_formed": formed, "edges_formed": edges,
         "rules": "stages: the LLC curve smoothed over 3 checkpoints, each checkpoint labelled rising/falling/plateau "
-                 "(|slope| <= 0.3 x the largest), runs shorter than 2 checkpoints merged; a head forms a score when "
-                 "it rises >= 0.2, at the first checkpoint with half its rise; an edge forms at half its final "
-                 "|score|"}
+                 "(|slope| <= 0.5 x the mean |slope|), runs shorter than 2 checkpoints merged, a boundary at the "
+                 "last checkpoint of a run; a head forms a score when it rises >= 0.2, at the first checkpoint "
+                 "with half its rise; an edge forms at half its final |score|"}
     blocks: list = ["Development: stages of the LLC beside the circuit that forms"]
     if bad:
         blocks.append(Note(f"The LLC chains diverged at {len(bad)} of {n} checkpoints (steps "
