@@ -113,9 +113,31 @@ def _composition_message(e: Exception, config_dir: Path, config_name: str, overr
         return unknown_key_message(key, _keys_near(config_dir, config_name, rest, key))
     m = re.search(r"Error merging override (\S+)", text)
     if m and cause:
-        return f"{m.group(1)}: {cause.splitlines()[0]}"
+        return _merge_message(m.group(1), cause.splitlines()[0], config_dir, config_name, overrides)
     first = (cause or text).splitlines()[0] if (cause or text) else type(e).__name__
     return f"{first} (from the overrides {' '.join(overrides)})"
+
+
+def _merge_message(override: str, problem: str, config_dir: Path, config_name: str, overrides: list[str]) -> str:
+    """``task.n_bits='abc': expected an int (e.g. task.n_bits=9)``: the wrong type in words, with the default as the
+    example (composed from the other overrides); omegaconf's own first line for other problems."""
+    from omegaconf import OmegaConf
+
+    from toylens.data.registry import expected_type
+
+    key, _, value = override.partition("=")
+    key = key.lstrip("+~")
+    wanted = expected_type(problem)
+    if wanted is None:
+        return f"{override}: {problem}"
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        default = OmegaConf.select(compose(config_dir, config_name, rest), key, default=None)
+    except UsageError:
+        default = None
+    example = f" (e.g. {key}={str(default).lower() if isinstance(default, bool) else default})" \
+        if default is not None else ""
+    return f"{key}={value!r}: expected {wanted}{example}"
 
 
 def _keys_near(config_dir: Path, config_name: str, overrides: list[str], key: str) -> list[str]:
@@ -162,7 +184,31 @@ def check_no_unknown_keys(dcfg, obj, overrides: list[str]) -> None:
         raise UsageError(f"{given}: " + unknown_key_message(key, sorted(known)))
 
 
+def missing_message(e: Exception) -> str:
+    """omegaconf's MissingMandatoryValue as one line: the key, that it has no default, and the fix (its comment in the
+    schema says what it holds)."""
+    key = getattr(e, "full_key", None) or "?"
+    obj = getattr(e, "object_type", None)
+    note = field_comments(obj).get(key.rsplit(".", 1)[-1], "") if isinstance(obj, type) else ""
+    return f"{key}=???: a value is required (there is no default); add {key}=<value>" + (f" ({note})" if note else "")
+
+
 # --- --help -------------------------------------------------------------------------------------
+MISSING_SHOWN = "<required>"
+
+
+def show_missing(dcfg) -> None:
+    """Put ``<required>`` where a composed config has no value (``???``), so --help can list it (omegaconf refuses to
+    build a config with a missing value)."""
+    from omegaconf import OmegaConf
+
+    for key in OmegaConf.missing_keys(dcfg):
+        try:
+            OmegaConf.update(dcfg, key, MISSING_SHOWN)
+        except Exception:  # a non-string field: shown as null instead
+            OmegaConf.update(dcfg, key, None)
+
+
 def field_comments(cls: type) -> dict[str, str]:
     """``name -> the comment after it`` in a dataclass's source (the schema's own one-line docs)."""
     out = {}

@@ -10,6 +10,7 @@ Imports nothing of toylens.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -80,11 +81,31 @@ def canonical(ref: str, base: str | Path | None = None) -> str:
 def _getattr_path(obj: Any, attr: str, where: str, key: str, ref: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n in dir(obj) if not n.startswith("_"))
-            raise RefError(f"{key}={ref}: {where} has no {part!r}; it defines {', '.join(names[:12]) or 'nothing'}"
+            first, rest = _ranked(obj, key)
+            names = first + rest
+            near = difflib.get_close_matches(part, first, n=1, cutoff=0.6) or \
+                difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}? " if near else ""
+            listed = ", ".join(names[:12]) or "nothing"
+            raise RefError(f"{key}={ref}: {where} has no {part!r}; {hint}it defines {listed}"
                            + (" ..." if len(names) > 12 else ""))
         obj = getattr(obj, part)
     return obj
+
+
+def _ranked(obj: Any, key: str) -> tuple[list[str], list[str]]:
+    """The public names of ``obj``: what ``key`` asks for (a task's Task subclasses for ``task=``, functions and
+    classes for ``analyses=``), and the rest; each sorted."""
+    names = sorted(n for n in dir(obj) if not n.startswith("_"))
+    wanted = _is_task_class if key.split(".")[0] in ("task", "task_source") else callable
+    first = [n for n in names if wanted(getattr(obj, n, None)) and not isinstance(getattr(obj, n, None), type(sys))]
+    return first, [n for n in names if n not in first]
+
+
+def _is_task_class(v: Any) -> bool:
+    """A subclass of toylens.data.Task, told by its bases' names (this module imports nothing of toylens)."""
+    return isinstance(v, type) and any((b.__module__, b.__qualname__) == ("toylens.data.base", "Task")
+                                       for b in v.__mro__[1:])
 
 
 def _one_line(e: BaseException, limit: int = 220) -> str:

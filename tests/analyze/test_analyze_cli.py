@@ -149,7 +149,7 @@ def test_entry_point_in_a_subprocess(trained, tmp_path):
 # --- issue 11: nothing lost, nothing silently wrong, one line where a traceback was ----------------
 LONG = " ".join(["1"] * 20)  # 20 tokens (+BOS) > n_ctx 12
 CATALOGUE = [
-    (["run={run}", "step=last"], ["step=last", "step=null"]),
+    (["run={run}", "step=last"], ["step='last': expected an int", "step=null"]),
     (["run={run}", "+foo=1"], ["foo is not a setting"]),
     (["run={run}", "batch.sise=3"], ["batch.sise", "batch.size"]),
     (["run={run}", "out={tmp}/elsewhere"], ["out=", "model=pretrained"]),

@@ -44,6 +44,10 @@ PROBE = textwrap.dedent('''
 
     def not_json(model, run, batch):
         return {"x": object()}
+
+
+    def lists(model, run, batch):
+        return {"hist": [1, 2.5, float("nan")], "long": list(range(30)), "by": {"layer": [0.25, 0.5]}, "tag": ["a"]}
 ''')
 
 
@@ -210,3 +214,30 @@ def test_a_user_analysis_runs_without_gradients():
     spec = SectionSpec("g", "g", lambda ctx: None, fn=lambda m, r, b: seen.append(torch.is_grad_enabled()))
     call_user(spec, None, None, None)
     assert seen == [False]
+
+
+def test_lists_of_numbers_are_rows_of_the_sections_table(trained):
+    from toylens.report.html import render
+
+    run, probe = trained
+    report, _ = _report(run, [f"{probe}:lists"])
+    assert report.data["lists"]["hist"] == [1, 2.5, None] and report.data["lists"]["long"] == list(range(30))
+    table = next(s for s in report.sections if s.id == "lists").blocks[0]
+    assert table.rows == [["hist", [1, 2.5, None]], ["long", "(list of 30, in report.json)"], ["by/layer", [0.25, 0.5]]]
+    page = render(report)
+    assert "[1, 2.5, —]" in page and "(list of 30, in report.json)" in page
+
+
+def test_analyze_help_lists_installed_analysis_plugins(tmp_path, monkeypatch):
+    from toylens.report import cli
+
+    site = tmp_path / "site"
+    (site / "mypkg").mkdir(parents=True)
+    (site / "mypkg" / "__init__.py").write_text(PROBE)
+    (site / "mypkg-0.1.dist-info").mkdir()
+    (site / "mypkg-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg\nVersion: 0.1\n")
+    (site / "mypkg-0.1.dist-info" / "entry_points.txt").write_text("[toylens.analyses]\nconfidence = mypkg:probe\n")
+    assert "installed plugins" not in cli.help_text()
+    monkeypatch.syspath_prepend(str(site))
+    text = cli.help_text()
+    assert "  installed plugins:  confidence\n" in text and "built-in:           fold, induction" in text

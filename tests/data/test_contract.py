@@ -113,7 +113,7 @@ def test_every_task_goes_through_the_one_registry_and_the_contract():
         cfg = task_config(name)
         assert type(cfg) is cls.config_cls and cfg.name == name
         if name == "sequences":  # its file is a required setting: one line says so
-            with pytest.raises(ValueError, match=r"task.path='\?\?\?' is required"):
+            with pytest.raises(ValueError, match=r"task.path=\?\?\?: no file given; add task.path="):
                 make_task(cfg)
             continue
         task = make_task(cfg)
@@ -190,6 +190,8 @@ def test_toylens_train_refuses_a_broken_task_before_writing_anything(tmp_path):
     p = subprocess.run([*check, "tasks.py:Wide"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "rule: dtype" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # the rules checked before the broken one, as a passing check prints them, on stdout
+    assert p.stdout.splitlines() == ["  PASS  properties", "  PASS  batch type", "  PASS  shape"], p.stdout
     p = subprocess.run([*check, "tasks.py:Good", "n=4"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
@@ -207,3 +209,129 @@ def test_a_users_task_may_not_take_a_built_in_name(tmp_path):
                                                               '    config_cls'))
     with pytest.raises(TaskRefError, match=r"a built-in task's name .*set name = \"my_copy\""):
         task_class(f"{tmp_path / 'clash.py'}:Good")
+
+
+_MAJORITY_MODULE = textwrap.dedent('''
+    from dataclasses import dataclass
+
+    import torch
+
+    from toylens.data import Batch, Task, TaskConfig
+
+
+    @dataclass
+    class MajorityConfig(TaskConfig):
+        name: str = "majority"
+        n_bits: int = 9
+
+
+    class Majority(Task):
+        config_cls = MajorityConfig
+        d_vocab = 4
+        token_names = ["0", "1", "BOS", "="]
+
+        @property
+        def seq_len(self):
+            return self.cfg.n_bits + 2
+
+        def sample(self, batch_size, generator):
+            bits = torch.randint(0, 2, (batch_size, self.cfg.n_bits), generator=generator, device=generator.device)
+            ends = torch.full((batch_size, 1), 3, device=generator.device)
+            tokens = torch.cat([ends - 1, bits, ends], 1)
+            mask = torch.zeros_like(tokens, dtype=torch.bool)
+            mask[:, -1] = True
+            return Batch(tokens, (2 * bits.sum(1, keepdim=True) > self.cfg.n_bits).long().expand_as(tokens), mask)
+
+
+    class MajorityLoud(Majority):  # shares MajorityConfig without declaring it: Majority owns that config
+        pass
+''')
+
+
+def test_a_config_instance_selects_the_class_of_its_type_not_a_task_of_its_name(tmp_path, monkeypatch):
+    """TrainConfig(task=MajorityConfig(n_bits=5)): the Task whose config_cls is the instance's type, recorded by its
+    canonical reference; a plugin installed under the config's default name ("majority") is not used."""
+    from toylens.runs.config import TrainConfig
+
+    mod = f"majority_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{mod}.py").write_text(_MAJORITY_MODULE)
+    site = tmp_path / "site"  # an installed plugin "majority": another class, another config
+    (site / "other_majority").mkdir(parents=True)
+    other = _MAJORITY_MODULE.replace("n_bits: int = 9", "n_bits: int = 3")
+    (site / "other_majority" / "__init__.py").write_text(other)
+    (site / "other_majority-0.1.dist-info").mkdir()
+    (site / "other_majority-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: other-majority\n"
+                                                                    "Version: 0.1\n")
+    (site / "other_majority-0.1.dist-info" / "entry_points.txt").write_text("[toylens.tasks]\n"
+                                                                            "majority = other_majority:Majority\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    user = importlib.import_module(mod)
+    try:
+        assert "majority" in known_names()  # the plugin is installed: the old lookup by name took it
+        cfg = TrainConfig(task=user.MajorityConfig(n_bits=5), device="cpu")
+        assert cfg.task.name == f"{mod}:Majority" and cfg.task.n_bits == 5
+        task = make_task(cfg.task)
+        assert type(task) is user.Majority and task.seq_len == 7
+        assert repr(task) == f"Majority(n_bits=5) from {mod}:Majority"
+        assert task_class(cfg.task.name) is user.Majority  # the recorded reference selects it again
+    finally:
+        sys.modules.pop(mod, None)
+        sys.modules.pop("other_majority", None)
+
+
+def test_a_config_instance_without_a_loaded_class_is_found_in_its_module_or_named(tmp_path):
+    from toylens.data import TaskRefError
+    from toylens.refs import load_file
+
+    path = tmp_path / "maj.py"
+    path.write_text(_MAJORITY_MODULE)
+    config_cls = load_file(path, "MajorityConfig", key="task", ref="maj.py:MajorityConfig")[0]
+    cfg = task_config(config_cls(n_bits=3))  # no plugin here: the old lookup said "task=majority is not a task"
+    assert cfg.name == f"{path}:Majority" and type(make_task(cfg)).__name__ == "Majority"
+
+    @dataclass
+    class LonelyConfig(TaskConfig):
+        name: str = "lonely"
+
+    with pytest.raises(TaskRefError, match=r"^task=LonelyConfig\(\.\.\.\): no Task subclass with config_cls = "
+                                           r"LonelyConfig .*pass the Task class itself"):
+        task_config(LonelyConfig())
+
+
+def test_a_misspelt_class_says_did_you_mean_and_lists_the_tasks_first(tmp_path):
+    from toylens.data import TaskRefError
+
+    (tmp_path / "majority.py").write_text(_MAJORITY_MODULE)
+    with pytest.raises(TaskRefError) as e:
+        task_class(f"{tmp_path / 'majority.py'}:Majorty")
+    msg = str(e.value)
+    assert "has no 'Majorty'; did you mean Majority?" in msg
+    assert msg.split("it defines ")[1].startswith("Majority, MajorityLoud, Batch"), msg
+
+
+def test_a_wrongly_typed_setting_of_a_users_task_names_the_type_and_an_example(tmp_path):
+    from toylens.runs.config import ConfigError, TrainConfig
+
+    (tmp_path / "majority.py").write_text(_MAJORITY_MODULE)
+    ref = f"{tmp_path / 'majority.py'}:Majority"
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(task={"name": ref, "n_bits": "abc"})
+    assert str(e.value) == "task.n_bits='abc': expected an int (e.g. task.n_bits=9)"
+
+
+def test_built_in_tasks_print_their_settings(capsys):
+    task = make_task(TASKS["prev_token"].config_cls(d_vocab=20, seq_len=12))
+    shown = repr(task)
+    assert shown.startswith(f"{type(task).__name__}(") and "d_vocab=20" in shown and " from " not in shown
+
+
+def test_check_task_help_is_plain_text(monkeypatch, capsys):
+    from toylens.data import check_cli
+
+    monkeypatch.setattr(sys, "argv", ["toylens-check-task", "--help"])
+    check_cli.main()
+    out = capsys.readouterr().out
+    assert out.startswith("toylens-check-task <task>") and "``" not in out and "usage:" in out

@@ -116,7 +116,9 @@ def test_text_of_symbols_with_a_vocab_and_padding(tmp_path):
     ("float.npy", np.ones((4, 3), dtype=np.float32), {}, "holds float32 tokens"),
     ("flat.npy", np.arange(5), {}, "shape [5]"),
     ("neg.npy", np.array([[1, 2], [3, -1]]), {}, "row 1 (0-based) holds a negative token id"),
-    ("garbage.npy", b"\x00\xffnot numpy", {}, "not a readable npy file"),
+    ("garbage.npy", b"\x00\xffnot numpy", {}, "not a numpy .npy array file (no .npy header); save the sequences "
+                                              "with np.save(path, int_array), or set task.format=text"),
+    ("pickled.npy", np.array([{"a": 1}], dtype=object), {}, "a .npy of pickled Python objects (refused"),
     ("nomask.pt", {"tokens": torch.ones(3, 4, dtype=torch.long)}, {"loss": "given"}, "nomask.pt to hold loss_mask"),
     ("missing.npy", None, {}, "no such file"),
 ])
@@ -128,7 +130,7 @@ def test_bad_files_are_one_line_naming_the_file_and_row(tmp_path, name, content,
     elif isinstance(content, bytes):
         path.write_bytes(content)
     elif isinstance(content, np.ndarray):
-        np.save(path, content)
+        np.save(path, content, allow_pickle=True)
     elif isinstance(content, dict):
         torch.save(content, path)
     kw = {k: (str(tmp_path / v) if k == "vocab" else v) for k, v in kw.items()}
@@ -169,3 +171,49 @@ def test_it_trains_on_a_generated_file_and_the_cli_refuses_a_bad_one(npy, tmp_pa
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "line 2 has 2 tokens" in lines[0], p.stderr
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_recorded_absolute_path_that_is_gone_says_so_without_relative_advice(tmp_path):
+    with pytest.raises(ValueError) as e:
+        task_of(tmp_path / "gone.npy")
+    assert str(e.value) == f"task.path={tmp_path / 'gone.npy'}: {tmp_path / 'gone.npy'}: no such file; give the path " \
+                           f"of an existing file"
+    with pytest.raises(ValueError, match=r"no such file; give a path relative to where you run, or an absolute one"):
+        task_of("surely_not_here.npy")
+
+
+def test_a_symbol_files_vocabulary_is_pinned_and_a_new_symbol_is_one_line(tmp_path):
+    """The pinned config carries d_vocab and the token names, so the run decodes with its own ids; a symbol outside
+    them (here 'a', which would sort first and renumber every id) is one line naming the file, the line, the symbol."""
+    path = tmp_path / "s.txt"
+    path.write_text("b c d e\nc d e b\nd e b c\ne b c d\n" * 5)
+    pinned = task_of(path, frac_train=0.5).pinned_config()
+    assert (pinned.d_vocab, pinned.names) == (4, ["b", "c", "d", "e"])
+    path.write_text(path.read_text() + "e e e e\n")  # known symbols only: the same ids
+    with pytest.warns(UserWarning, match="changed since the run"):
+        again = make_task(pinned)
+    assert again.token_names == ["b", "c", "d", "e"] and int(again.tokens[-1, 0]) == 3
+    path.write_text(path.read_text() + "a b c d\n")
+    with pytest.warns(UserWarning, match="changed since the run"), pytest.raises(ValueError) as e:
+        make_task(pinned)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "line 22: symbol 'a' is not in the run's vocabulary" in msg, msg
+    assert make_task(SequencesConfig(path=str(path), frac_train=0.5)).token_names[0] == "a"  # unpinned: renumbered
+
+
+def test_a_tiny_file_trains_but_offers_no_pairs_and_says_why(tmp_path):
+    from toylens.data.contract import corrupt_reason, offers_corrupt
+
+    path = tmp_path / "tiny.txt"
+    path.write_text("1 2 3\n4 5 6\n")  # one row on each side of the split
+    task = task_of(path)
+    assert len(task.train_rows) == 1 and not offers_corrupt(task)
+    why = corrupt_reason(task)
+    assert why == (f"task.path={path}: corrupt() needs at least 2 distinct training sequences to pair, the training "
+                   f"side holds 1 row(s) and no two differ; add sequences to the file (or raise task.frac_train)")
+    passed = check_task(task)  # the contract holds: corrupt() is not offered, so not checked
+    assert "corrupt" not in passed and "accuracy" in passed
+    with pytest.raises(NotImplementedError, match="at least 2 distinct training sequences"):
+        task.corrupt(task.sample(2, gen()), gen())
+    path.write_text("\n".join(" ".join(map(str, row)) for row in counting(20).tolist()))
+    assert offers_corrupt(task_of(path))  # different training rows: pairs again

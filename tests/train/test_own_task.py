@@ -149,6 +149,18 @@ def test_a_sweep_over_the_task_setting_and_its_report_from_another_directory(wor
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["3", "4"]
+    src = f"{root / 'mine' / 'parity_task.py'}:Parity"  # canonical and unescaped (not "parity_task.py\\:Parity")
+    assert [r["params"]["task"] for r in index["runs"]] == [src, src] and index["overrides"][0] == f"task={src}"
+    import shutil
+
+    shutil.rmtree(sweep / "1")  # finish the sweep from another directory, naming the file by its absolute path
+    p = _run("toylens.train.cli", ["-m", f"task={src}", "task.n_bits=3,4", *SMALL, f"checkpoint_root={sweep_root}",
+                                   f"hydra.sweep.dir={sweep}"], cwd=root / "elsewhere")
+    assert p.returncode == 0, p.stderr
+    assert "already finished (step 20): skipped" in p.stderr
+    index = json.loads((sweep / "sweep.json").read_text())
+    assert [r["status"] for r in index["runs"]] == ["finished", "finished"]
+    assert [r["params"]["task"] for r in index["runs"]] == [src, src]
 
 
 def test_a_gone_file_names_the_saved_copy_and_a_changed_one_warns_with_both_hashes(world, tmp_path):
@@ -176,6 +188,12 @@ def test_a_gone_file_names_the_saved_copy_and_a_changed_one_warns_with_both_hash
     (copy / "task_source.json").write_text(json.dumps(rec))
     with pytest.warns(TaskSourceChanged, match=rf"was {rec['sha256'][:12]}, now [0-9a-f]{{12}}"):
         assert toylens.load_run(copy).task.seq_len == 7
+    away = tmp_path / "away"
+    away.mkdir()
+    p = _run("toylens.train.cli", [f"resume={copy}", "train.steps=30", "train.progress=false"], cwd=away)
+    assert p.returncode == 0, p.stderr
+    warned = [ln for ln in p.stderr.splitlines() if "changed since the run" in ln]
+    assert len(warned) == 1 and warned[0].startswith("toylens-train: warning: task "), p.stderr  # once, not twice
 
 
 def test_a_task_without_corrupt_leaves_interventions_out_with_a_reason(world, tmp_path):

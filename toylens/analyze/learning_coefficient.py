@@ -45,15 +45,15 @@ class LLCConfig:
     pilot chain at the (last) checkpoint stays healthy, and ``num_draws=None``: as many draws as keep ε x draws
     (the chain's SGLD time) at 64 x 1e-4."""
 
-    lr: float | None = None  # SGLD step size ε; None: auto (calibrate); the drift/noise check says when too large
+    lr: float | None = None  # SGLD step size ε; null: calibrated (LR_LADDER), the health check says when it is wrong
     n_beta: float = 1000.0  # n·β, the inverse temperature times the sample size
     localization: float = 1000.0  # γ, the pull back to the checkpoint's weights
     num_chains: int = 3  # independent chains (their spread is llc_std)
-    num_draws: int | None = None  # SGLD steps per chain, one draw each; None: 64 x (1e-4 / ε), whole epochs
-    batch_size: int = 32
+    num_draws: int | None = None  # SGLD steps per chain, one draw each; null: 64 x (1e-4 / ε), whole epochs
+    batch_size: int = 32  # rows per SGLD step
     # The loss is the mean over these rows: the init loss is read on all of them and each chain cycles through
     # whole epochs of them, so minibatch noise cancels out of mean - init instead of being multiplied by n·β.
-    n_rows: int = 512
+    n_rows: int = 512  # rows of the task's training distribution (fixed seed), the same at every checkpoint
     seed: int = 0  # the rows (task.sample) and the chains' noise (devinterp's init_seed)
     burnin: int = 0  # devinterp averages every step, burn-in included (as Lau et al.'s estimator)
     components: bool = False  # over checkpoints: also the LLC of each head's and each MLP's weights alone

@@ -206,9 +206,10 @@ def pairs_from_task(task: Task, n: int, seed: int = PAIRS_SEED, device: str | to
         clean = task.sample(n, gen)
         try:
             corrupted = task.corrupt(clean, gen)
-        except NotImplementedError:
-            raise PairsError(f"task {task.name!r} offers no corrupt(), so it has no clean/corrupted pairs; write "
-                             f"the prompts yourself (pairs_from_prompts) or use a task with corrupt()") from None
+        except NotImplementedError as e:  # no corrupt(), or the task says why it cannot pair (a tiny file)
+            why = " ".join(str(e).split()) or f"task {task.name!r} offers no corrupt()"
+            raise PairsError(f"{why}, so there are no clean/corrupted pairs; write the prompts yourself "
+                             f"(pairs_from_prompts) or use a task with corrupt()") from None
         pos, answers, ok = (contrast(task, clean, corrupted) if contrast
                             else _last_differing_target(clean, corrupted))
         parts.append((clean.tokens[ok], corrupted.tokens[ok], pos[ok], answers[ok]))

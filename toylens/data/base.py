@@ -88,6 +88,11 @@ class Task:
         """Corrupted counterparts of ``batch`` (same shape) for activation patching."""
         raise NotImplementedError(f"task {self.name!r} offers no corrupt()")
 
+    def corrupt_unavailable(self) -> str | None:
+        """Why this task object offers no pairs although its class defines ``corrupt`` (e.g. a file of sequences
+        with one distinct training row): a one-line reason, or None when ``corrupt`` works."""
+        return None
+
     def accuracy(self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Tensor:
         """Fraction of loss-masked positions whose argmax logit is the target (a 0-dim tensor)."""
         correct = (logits.argmax(-1) == batch.targets) & batch.loss_mask
@@ -114,6 +119,14 @@ class Task:
         """The config saved with a run, so the run rebuilds this task from any directory: relative file paths made
         absolute, data files' hashes filled in (the sequences task); default: the config as given."""
         return self.cfg
+
+    def __repr__(self) -> str:
+        """``Majority(n_bits=5) from /abs/majority.py:Majority``; a built-in: ``PrevToken(d_vocab=20, seq_len=12)``
+        (what ``print(run.task)`` shows: its settings and where its code came from, not an object address)."""
+        settings = ", ".join(f"{f.name}={getattr(self.cfg, f.name)!r}" for f in fields(self.cfg) if f.name != "name")
+        ref = getattr(self.cfg, "name", None)
+        builtin = TASKS.get(ref) is type(self) and type(self).__module__.startswith("toylens.")
+        return f"{type(self).__name__}({settings})" + ("" if builtin or not ref else f" from {ref}")
 
     def describe(self) -> dict:
         return {

@@ -18,7 +18,7 @@ def check(argv: list[str]) -> str:
 
     from omegaconf import OmegaConf
 
-    from toylens.data.contract import check_task, offers_corrupt
+    from toylens.data.contract import check_task, corrupt_reason
     from toylens.data.registry import make_task, task_config
 
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
@@ -46,7 +46,7 @@ def check(argv: list[str]) -> str:
         task = make_task(cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"task ({cfg.name}): {' '.join(str(e).split())}") from None
-    passed = check_task(task)
+    passed = check_task(task)  # TaskContractError carries the rules that held before it (main prints them)
     import torch
 
     b = task.sample(1, torch.Generator().manual_seed(0))
@@ -54,7 +54,8 @@ def check(argv: list[str]) -> str:
     toks = " ".join(names[i] for i in b.tokens[0].tolist())
     answers = ", ".join(f"{p}:{names[t]}" for p, t in zip(b.loss_mask[0].nonzero().flatten().tolist(),
                                                             b.targets[0][b.loss_mask[0]].tolist(), strict=True))
-    pairs = "offered" if offers_corrupt(task) else "not offered (patching, tracing, discovery left out)"
+    why_not = corrupt_reason(task)
+    pairs = "offered" if why_not is None else f"not offered ({why_not}; patching, tracing, discovery left out)"
     lines = [f"task {task.name} ({cfg.name}): d_vocab {task.d_vocab}, seq_len {task.seq_len}, corrupt() {pairs}",
              *(f"  PASS  {rule}" for rule in passed),
              f"sample 0: {toks}", f"  loss positions -> targets: {answers}"]
@@ -66,11 +67,14 @@ def main() -> None:
 
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
+        print(__doc__.strip().replace("``", "") + "\n\n" + USAGE)  # plain text: the docstring's RST quotes dropped
         return
     try:
         print(check(argv))
     except ValueError as e:  # TaskRefError, TaskContractError, bad settings: one line
+        for rule in getattr(e, "passed", []):  # what held before the broken rule, as a passing check prints it
+            print(f"  PASS  {rule}")
+        sys.stdout.flush()
         _cli.fail(PROG, str(e), 2)
 
 

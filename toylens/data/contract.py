@@ -29,7 +29,10 @@ SEEDS = (0, 1)
 
 
 class TaskContractError(ValueError):
-    """A task that breaks the contract; one line: the task, the method, the rule and the fix."""
+    """A task that breaks the contract; one line: the task, the method, the rule and the fix. ``passed``: the rules
+    that held before it."""
+
+    passed: list[str] = []
 
 
 def _fail(task: Task, method: str, rule: str, problem: str, fix: str) -> None:
@@ -37,37 +40,58 @@ def _fail(task: Task, method: str, rule: str, problem: str, fix: str) -> None:
 
 
 def offers_corrupt(task: Task) -> bool:
-    return type(task).corrupt is not Task.corrupt
+    return corrupt_reason(task) is None
 
 
-def _check_batch(task: Task, b, method: str, rows: int | None, device: torch.device) -> Batch:
+def corrupt_reason(task: Task) -> str | None:
+    """None when ``task`` offers clean/corrupted pairs; else why not (no ``corrupt``, or the task's own reason)."""
+    if type(task).corrupt is Task.corrupt:
+        return f"the {task.name} task has no corrupt()"
+    return task.corrupt_unavailable()
+
+
+def _check_batch(task: Task, b, method: str, rows: int | None, device: torch.device,
+                 passed: list[str] | None = None) -> Batch:
+    """The per-batch rules, in order; each one that holds is added to ``passed`` (when given, once)."""
+
+    def ok(rule: str) -> None:
+        if passed is not None and rule not in passed:
+            passed.append(rule)
+
     if not isinstance(b, Batch):
         _fail(task, method, "batch type", f"returned {type(b).__name__}", "return toylens.data.Batch(tokens, "
               "targets, loss_mask)")
+    ok("batch type")
     if (rows is not None and b.tokens.shape[0] != rows) or b.tokens.shape[1] != task.seq_len:
         want = f"[{rows if rows is not None else 'n'}, {task.seq_len}]"
         _fail(task, method, "shape", f"returned tokens of shape {list(b.tokens.shape)}, not {want}",
               f"return batch_size rows of seq_len={task.seq_len} tokens (or change seq_len)")
+    ok("shape")
     for what in ("tokens", "targets"):
         t = getattr(b, what)
         if t.dtype != torch.long:
             _fail(task, method, "dtype", f"returned {what} of dtype {t.dtype}", f"return torch.long {what} "
                   f"(e.g. {what}.long())")
+    ok("dtype")
     if b.tokens.device.type != device.type:
         _fail(task, method, "device", f"returned tensors on {b.tokens.device}, the generator is on {device}",
               "create tensors on generator.device")
+    ok("device")
     lo, hi = int(b.tokens.min()), int(b.tokens.max())
     if lo < 0 or hi >= task.d_vocab:
         _fail(task, method, "token range", f"returned token id {lo if lo < 0 else hi} outside [0, d_vocab="
               f"{task.d_vocab})", "return ids below d_vocab (or raise d_vocab)")
+    ok("token range")
     if not bool(b.loss_mask.any()):
         _fail(task, method, "loss positions", "returned a batch with no loss_mask position set",
               "set loss_mask where the model must predict targets")
+    ok("loss positions")
     tgt = b.targets[b.loss_mask]
     lo, hi = int(tgt.min()), int(tgt.max())
     if lo < 0 or hi >= task.d_vocab:
         _fail(task, method, "target range", f"returned target id {lo if lo < 0 else hi} at a loss position, "
               f"outside [0, d_vocab={task.d_vocab})", "return targets below d_vocab where loss_mask is set")
+    ok("target range")
     return b
 
 
@@ -88,9 +112,18 @@ def _call(task: Task, method: str, fn, *args):
 
 def check_task(task: Task, device: str | torch.device = "cpu") -> list[str]:
     """Check ``task`` against the contract; returns the rules that passed, raises ``TaskContractError`` at the
-    first one broken."""
-    dev = torch.device(device)
-    passed = []
+    first one broken (its ``passed``: the rules checked before it, which toylens-check-task prints)."""
+    passed: list[str] = []
+    try:
+        _check_rules(task, torch.device(device), passed)
+    except TaskContractError as e:
+        e.passed = list(passed)
+        raise
+    return passed
+
+
+def _check_rules(task: Task, dev: torch.device, passed: list[str]) -> None:
+    """The rules in order, each appended to ``passed`` once it holds."""
     for prop in ("d_vocab", "seq_len"):
         v = _call(task, prop, lambda p=prop: getattr(task, p))
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -106,12 +139,12 @@ def check_task(task: Task, device: str | torch.device = "cpu") -> list[str]:
     def gen(seed: int) -> torch.Generator:
         return torch.Generator(device=dev).manual_seed(seed)
 
-    a = _check_batch(task, _call(task, "sample()", task.sample, ROWS, gen(SEEDS[0])), "sample()", ROWS, dev)
+    a = _check_batch(task, _call(task, "sample()", task.sample, ROWS, gen(SEEDS[0])), "sample()", ROWS, dev, passed)
     b = _check_batch(task, _call(task, "sample()", task.sample, ROWS, gen(SEEDS[0])), "sample()", ROWS, dev)
     if not _same(a, b):
         _fail(task, "sample()", "seeded", "returned different batches for the same seed",
               "draw every random number from the generator argument (torch.randint(..., generator=generator))")
-    passed += ["batch type", "shape", "dtype", "device", "token range", "target range", "loss positions", "seeded"]
+    passed.append("seeded")
     tb = _check_batch(task, _call(task, "train_batch()", task.train_batch, ROWS, gen(SEEDS[1])), "train_batch()",
                       None, dev)
     e1 = _check_batch(task, _call(task, "eval_set()", task.eval_set, ROWS, 7, dev), "eval_set()", ROWS, dev)
@@ -139,4 +172,3 @@ def check_task(task: Task, device: str | torch.device = "cpu") -> list[str]:
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
             _fail(task, "accuracy()", "accuracy", f"returned {v} for {label} logits", "return a fraction in [0, 1]")
     passed.append("accuracy")
-    return passed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,15 +115,8 @@ def task_config(value: Any, *, key: str = "task") -> TaskConfig:
     """The typed config of a task given as a name/reference (its defaults), a Task subclass or instance, a config
     dataclass, or a mapping with ``name`` and settings (a composed Hydra node)."""
     if isinstance(value, TaskConfig):
-        try:
-            task_class(value.name, key=key)
-            return value
-        except TaskRefError:
-            cls = next((c for c in [*TASKS.values(), *(c for c, _ in _RESOLVED.values())]
-                        if c.config_cls is type(value)), None)
-            if cls is None:
-                raise
-            return dataclasses.replace(value, name=config_name(cls))
+        cls = class_of_config(value, key=key)
+        return dataclasses.replace(value, name=config_name(cls))
     if isinstance(value, Task):
         return dataclasses.replace(value.cfg, name=config_name(type(value)))
     if isinstance(value, type):
@@ -146,10 +140,80 @@ def task_config(value: Any, *, key: str = "task") -> TaskConfig:
             lines = str(e).splitlines()
             field = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
             where = f"{key}.{field}={d.get(field)!r}" if field in d else f"{key} ({name})"
+            wanted = expected_type(lines[0])
+            if wanted and field in d:
+                example = getattr(cls.config_cls(), field, None)
+                raise TaskRefError(f"{where}: expected {wanted} (e.g. {key}.{field}={_yaml(example)})") from None
             raise TaskRefError(f"{where}: {' '.join(lines[0].split())}") from None
         return dataclasses.replace(cfg, name=name if name in TASKS else _canonical_of(cls, name))
     raise TaskRefError(f"{key}={value!r}: give a task name, a reference module:Class / file.py:Class, a Task "
                        f"subclass or its config")
+
+
+_TYPES = {"Integer": "an int", "Float": "a number", "bool": "true or false"}
+
+
+def expected_type(omegaconf_error: str) -> str | None:
+    """What type omegaconf wanted, in words (``an int``), from its first error line; None for another error."""
+    for word, wanted in _TYPES.items():
+        if f"converted to {word}" in omegaconf_error or f"not a valid {word}" in omegaconf_error:
+            return wanted
+    return None
+
+
+def _yaml(value: Any) -> str:
+    """A default as it is written on the command line (``true``, ``null``, ``9``)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def class_of_config(value: TaskConfig, *, key: str = "task") -> type[Task]:
+    """The Task class whose ``config_cls`` is ``type(value)``. Matched by the config's type, not its ``name``: a
+    config's ``name`` is only a default (``"majority"``), and an installed plugin or another file may use the same
+    one for an unrelated class. ``name`` only picks among several classes sharing the config type."""
+    ctype = type(value)
+    if ctype is TaskConfig:  # the shared default of tasks without settings: only the name tells them apart
+        return task_class(value.name, key=key)
+    by_name = [TASKS.get(value.name), (_RESOLVED.get(canonical(value.name)) or (None,))[0]]
+    for cls in by_name:  # the class this config was made for (a round trip: its name is the canonical reference)
+        if cls is not None and cls.config_cls is ctype:
+            return cls
+    found = _classes_using(ctype) or _named_class(value, key)
+    for narrower in (lambda c: c.__dict__.get("config_cls") is ctype,  # declares it (a subclass only inherits it)
+                     lambda c: c.name == value.name):
+        if len(found) > 1 and sum(map(narrower, found)) == 1:
+            found = [c for c in found if narrower(c)]
+    if len(found) == 1:
+        return _check_class(found[0], key, f"{ctype.__name__}(...)")
+    what = f"{key}={ctype.__name__}(...)"
+    if found:
+        names = ", ".join(c.__qualname__ for c in found)
+        raise TaskRefError(f"{what}: {names} all use {ctype.__name__}; pass the class itself ({key}="
+                           f"{found[0].__qualname__}) or its reference file.py:{found[0].__qualname__}")
+    raise TaskRefError(f"{what}: no Task subclass with config_cls = {ctype.__name__} is defined in "
+                       f"{ctype.__module__} or loaded; pass the Task class itself, or its reference module:Class / "
+                       f"file.py:Class")
+
+
+def _named_class(value: TaskConfig, key: str) -> list[type[Task]]:
+    """The class ``value.name`` selects (a reference not loaded yet, e.g. a run's recorded file), when its config
+    type is ``value``'s; else none (a plugin of the same name with another config is not this task)."""
+    try:
+        cls = task_class(value.name, key=key)
+    except TaskRefError:
+        return []
+    return [cls] if cls.config_cls is type(value) else []
+
+
+def _classes_using(ctype: type) -> list[type[Task]]:
+    """Every loaded Task class (registered, resolved, or defined in the config's own module) whose config_cls is
+    ``ctype``, without duplicates."""
+    module = sys.modules.get(ctype.__module__)
+    in_module = [v for v in (vars(module).values() if module else ())
+                 if isinstance(v, type) and issubclass(v, Task) and v is not Task]
+    loaded = [*TASKS.values(), *(c for c, _ in _RESOLVED.values()), *in_module]
+    return list(dict.fromkeys(c for c in loaded if c.config_cls is ctype))
 
 
 def _canonical_of(cls: type[Task], given: str) -> str:

@@ -159,28 +159,51 @@ def make_report(run: Run, cfg: AnalyzeConfig, model=None, wandb_id: str | None =
 
 
 def report_folder(run_dir: Path, cfg: AnalyzeConfig, report: Report) -> tuple[Path, str | None]:
-    """``<run>/report``, unless the report there has sections this one lacks (an earlier, fuller report):
-    then ``<run>/report-<analyses>`` beside it, and the line that says so. A partial run never destroys
-    earlier work."""
+    """``<run>/report``, unless the report there has sections this one lacks (an earlier, fuller report): then a side
+    folder ``<run>/report-<analyses>`` named by the set of analyses asked for, and the line that says so. The same
+    check guards the side folder: a partial report never replaces any report with sections it lacks."""
+    base = run_dir / "report"
+    lost = _lost_sections(base, report)
+    if not lost:
+        return base, None
+    stem = run_dir / f"report-{_side_name(cfg)}"
+    for n in range(1, 1000):  # the same analyses again replace their own side report; a fuller one is kept
+        out = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        if not _lost_sections(out, report):
+            return out, f"{base} has sections this report lacks ({', '.join(lost)}); written to {out} instead"
+    raise ConfigError(f"analyses={list(cfg.analyses)}: {stem}-2 .. -999 all hold fuller reports; move some away")
+
+
+def _lost_sections(folder: Path, report: Report) -> list[str]:
+    """The sections of the toylens report in ``folder`` that ``report`` lacks (none when there is no such report:
+    a foreign folder is refused later by write_report, with one line)."""
     import json
 
     from toylens.report.html import REPORT_MARKER
 
-    base = run_dir / "report"
     try:
-        old = {s["id"] for s in json.loads((base / "report.json").read_text()).get("sections", [])}
+        old = {s["id"] for s in json.loads((folder / "report.json").read_text()).get("sections", [])}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return base, None
-    if not (base / REPORT_MARKER).is_file():
-        return base, None  # not toylens's: write_report refuses it with one line
-    lost = sorted(old - {s.id for s in report.sections})
-    if not lost:
-        return base, None
-    names = [re.sub(r"[^A-Za-z0-9_-]", "-", s.name) for s in resolve_all(list(cfg.analyses))]
-    name = "all" if names == list(ANALYSES) else "+".join(names) if len(names) <= 3 else \
-        f"{names[0]}+{len(names) - 1}-more"
-    out = run_dir / f"report-{name}"
-    return out, f"{base} has sections this report lacks ({', '.join(lost)}); written to {out} instead"
+        return []
+    if not (folder / REPORT_MARKER).is_file():
+        return []
+    return sorted(old - {s.id for s in report.sections})
+
+
+def _side_name(cfg: AnalyzeConfig) -> str:
+    """``all``, ``attention+dla`` (up to three), else ``attention+3-more-<hash>``: a short hash of the sorted names,
+    so two different sets of analyses never share a folder."""
+    import hashlib
+
+    specs = resolve_all(list(cfg.analyses))
+    names = [re.sub(r"[^A-Za-z0-9_-]", "-", s.name) for s in specs]
+    if names == list(ANALYSES):
+        return "all"
+    if len(names) <= 3:
+        return "+".join(names)
+    keys = sorted(s.origin.ref if s.origin is not None else s.name for s in specs)  # a user's: its canonical ref
+    digest = hashlib.sha256(",".join(keys).encode()).hexdigest()[:6]
+    return f"{names[0]}+{len(names) - 1}-more-{digest}"
 
 
 class AnalysisFailed(RuntimeError):

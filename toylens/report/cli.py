@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from toylens import _cli
 from toylens._paths import config_dir
-from toylens.report.config import register_configs
+from toylens.report.config import AnalyzeConfig, register_configs
 from toylens.runs.config import ConfigError
 
 
@@ -56,12 +56,15 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
                               ) from None
         validate(cfg)
         if cfg.model.source == "pretrained":
+            if cfg.data_path is not None:
+                raise ConfigError(f"data_path={cfg.data_path} is only for model=run (a run's moved data file); drop it")
             check_report_dir(cfg.out, "out")  # before the work: never replace what toylens did not write
             return _pretrained(cfg, multirun)
         if cfg.out is not None:
             raise ConfigError(f"out={cfg.out} is only for model=pretrained; a run's report always goes to "
                               f"<run>/report, so drop out=")
-        run = load_run(cfg.run, cfg.task_source)
+        run = load_run(cfg.run, cfg.task_source, cfg.data_path)
+        run.task  # noqa: B018  (rebuilt now: a task that cannot be is one line, before any analysis runs)
         check_report_dir(run.path / "report")
         cfg.step = run.pin(cfg.step)  # read now: a run still training may prune it later
     except (ConfigError, RunError) as e:
@@ -121,10 +124,14 @@ Usage:
   toylens-analyze run=<run dir> analyses=[attention,probe.py:probe]   + your own analysis (docs/analyses.md)
   toylens-analyze model=pretrained model.name=gpt2 pairs.clean=[...] pairs.corrupted=[...] out=<new dir>
   toylens-analyze -m run=<a>,<b>                        several runs (Hydra multirun; hydra/launcher=joblib)
+  toylens-analyze run=<run dir> data_path=<file>       a run whose data file (task.path) moved
   (resume= belongs to toylens-train: toylens-train resume=<run dir> continues a run)
 
 Groups:
   model=           run, pretrained
+
+Analyses (analyses=[...]; page order is fixed):
+{analyses}
 
 Settings (key=default):
 {settings}
@@ -132,15 +139,26 @@ Settings (key=default):
 
 
 def help_text() -> str:
-    from toylens.report.config import AnalyzeConfig
-
     register_configs()
     dcfg = _cli.compose(config_dir(), "analyze", [])
     with open_dict(dcfg):
         del dcfg["hydra"]
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, AnalyzeConfig)
-    return HELP.format(settings="\n".join(_cli.settings_lines(cfg)))
+    return HELP.format(analyses="\n".join(analyses_lines()), settings="\n".join(_cli.settings_lines(cfg)))
+
+
+def analyses_lines() -> list[str]:
+    """The analyses=[...] choices, as toylens-train --help lists tasks: the built-ins, the installed
+    ``toylens.analyses`` plugins (by the name to select them with), and how to give your own."""
+    from toylens.report.registry import ANALYSES, plugin_names
+
+    plugins = plugin_names()
+    lines = [f"  {'built-in:':<19} {', '.join(ANALYSES)}"]
+    if plugins:
+        lines.append(f"  {'installed plugins:':<19} {', '.join(plugins)}")
+    lines.append(f"  {'your own:':<19} path/to/file.py:function or package.module:function (docs/analyses.md)")
+    return lines
 
 
 def _precheck(argv: list[str]) -> None:
@@ -148,6 +166,10 @@ def _precheck(argv: list[str]) -> None:
     overrides = _cli.overrides_of(argv)
     if overrides is None:
         return
+    moved = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "task.path"), None)
+    if moved is not None:  # the run's task is as it trained; only where its data file lies now may change
+        raise _cli.UsageError(f"{moved}: a run's task settings are fixed; to point the run at its moved data file "
+                              f"pass data_path={moved.split('=', 1)[-1]}")
     try:
         dcfg = _cli.compose(config_dir(), "analyze", overrides)
     except _cli.UsageError as e:

@@ -86,8 +86,7 @@ class DiscoveryConfig:  # circuit discovery on the pairs (toylens/analyze/discov
 
 @dataclass
 class DynamicsConfig:  # over=checkpoints: toylens/analyze/dynamics.py
-    # any of attention, circuits, ablation, discovery, llc (+ the eval loss always); or yours
-    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])
+    analyses: list[str] = field(default_factory=lambda: ["attention", "circuits", "ablation"])  # +discovery, llc, yours
     steps: list[int] | None = None  # checkpoint steps to analyse; null: every saved one
 
 
@@ -96,6 +95,7 @@ class AnalyzeConfig:
     run: str | None = None  # the run directory toylens-train printed (required with model=run)
     step: int | None = None  # checkpoint step; null: the last
     task_source: str | None = None  # a .py file holding the run's own task class when its file is gone or changed
+    data_path: str | None = None  # where the run's data file (task.path) is now, when it moved; its sha256 is checked
     model: AnalyzeModelConfig = field(default_factory=AnalyzeModelConfig)  # model=run | model=pretrained
     over: str | None = None  # checkpoints: also analyse every saved checkpoint against the step (dynamics)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)

@@ -44,6 +44,7 @@ nav.toc { position:sticky; top:0; width:220px; flex:none; padding:20px 16px; fon
 nav.toc h2 { font-size:13px; text-transform:uppercase; letter-spacing:.05em; color:var(--muted); margin:0 0 8px; }
 nav.toc ol { margin:0; padding-left:20px; } nav.toc a { color:var(--accent); text-decoration:none; }
 nav.toc li.left-out { color:var(--muted); list-style-type:circle; font-size:12px; }
+nav.toc li.glance { list-style:none; }
 nav.toc li.left-out span { display:block; }
 figure.tl-fig figcaption { font-size:14px; font-weight:600; padding:4px 8px 0; min-height:22px; }
 main { flex:1; min-width:0; padding:12px 32px 40px 8px; }
@@ -245,9 +246,11 @@ def render(report: Report, plotly_js: str | None = None) -> str:
             rows.append([f"ablation #{i}", f"{r['hook']} ({r['mode']}): loss {fmt(r['loss'])}, "
                                            f"Δ {fmt(r['delta_loss'])}"])
     parts = ['<section id="glance"><h2>At a glance</h2>', _table(Table(["", "value"], rows)), "</section>"]
-    toc = ['<li><a href="#glance">At a glance</a></li>']
+    # "At a glance" carries no number, and each section's entry its heading's number (value=n): the browser's own
+    # count would start at the glance entry and run one ahead of the headings
+    toc = ['<li class="glance"><a href="#glance">At a glance</a></li>']
     for n, s in enumerate(report.sections, 1):
-        toc.append(f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>')
+        toc.append(f'<li value="{n}"><a href="#{s.id}">{html.escape(s.title)}</a></li>')
         parts.append(f'<section id="{s.id}"><h2>{n}. {html.escape(s.title)}</h2>'
                      f'<p class="intro">{html.escape(s.intro)}</p>{_blocks(s.blocks, data_scripts)}</section>')
     for lo in data.get("left_out", []):  # analyses that do not apply to this model: named, with the reason
@@ -274,7 +277,8 @@ def render(report: Report, plotly_js: str | None = None) -> str:
         f'<div class="layout"><nav class="toc"><h2>Contents</h2><ol>{"".join(toc)}</ol></nav>',
         f"<main>{''.join(parts)}</main></div>",
         f"<footer>Made by toylens-analyze{f' in {total:.1f} s' if total else ''}. report.json holds every "
-        "number on this page; ablation.csv the full ablation table.</footer>",
+        f"number on this page{'; ablation.csv the full ablation table' if report.ablation is not None else ''}."
+        "</footer>",
         f'<script type="application/json" id="tl-template">{_script_json(template)}</script>',
         "".join(data_scripts), f"<script>{_JS}</script></body></html>",
     ])

@@ -50,8 +50,8 @@ def pairs_for(ctx):
         pairs = pairs_from_prompts(ctx.model, p.clean, p.corrupted, p.answers, p.wrong_answers or None)
     elif ctx.run is None:
         pairs = "no prompts: give pairs.clean, pairs.corrupted, pairs.answers and pairs.wrong_answers"
-    elif not _has_corrupt(ctx.run.task):
-        pairs = (f"the {ctx.run.task.name} task has no corrupt(): give prompt pairs with pairs.clean=[...] "
+    elif _no_corrupt(ctx.run.task):
+        pairs = (f"{_no_corrupt(ctx.run.task)}; instead, give prompt pairs: pairs.clean=[...] "
                  f"pairs.corrupted=[...] pairs.answers=[...] pairs.wrong_answers=[...]")
     else:
         pairs = pairs_from_task(ctx.run.task, p.n, p.seed, device=ctx.device)
@@ -59,10 +59,11 @@ def pairs_for(ctx):
     return pairs
 
 
-def _has_corrupt(task) -> bool:
-    from toylens.data.base import Task
+def _no_corrupt(task) -> str | None:
+    """Why the task offers no clean/corrupted pairs (None when it does)."""
+    from toylens.data.contract import corrupt_reason
 
-    return type(task).corrupt is not Task.corrupt
+    return corrupt_reason(task)
 
 
 def _skipped(ctx, section: Section, why: str, kind: str = "warn") -> Section:

@@ -248,6 +248,28 @@ def scalar_leaves(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+LIST_ROW_MAX = 20  # a list of numbers up to this long is a row of the section's table; a longer one is named only
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def table_rows(d: dict, prefix: str = "") -> list[list]:
+    """The section table's rows of nested results (keys joined with '/'): numbers, and lists of numbers (short ones
+    shown whole, ``[0.1, 0.5]``; longer ones as ``(list of N, in report.json)``). NaN is null in the results."""
+    rows: list[list] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            rows += table_rows(v, key + "/")
+        elif _number(v):
+            rows.append([key, float(v)])
+        elif isinstance(v, list) and v and all(_number(x) or x is None for x in v):
+            rows.append([key, v if len(v) <= LIST_ROW_MAX else f"(list of {len(v)}, in report.json)"])
+    return rows
+
+
 def call_user(spec: SectionSpec, model, run, batch):
     """The user's function on one model, under ``torch.no_grad()`` (``torch.enable_grad()`` inside for gradients)."""
     import torch
@@ -263,9 +285,9 @@ def _user_section(ctx, spec: SectionSpec):
     ctx.data[spec.name] = results
     ctx.data.setdefault("origins", {})[spec.name] = spec.origin.to_dict()
     blocks: list = [Note(text, "info")] if text else []
-    scalars = scalar_leaves(results)
-    if scalars:
-        blocks.append(Table(["result", "value"], [[k, v] for k, v in scalars.items()], sortable=True,
+    rows = table_rows(results)
+    if rows:
+        blocks.append(Table(["result", "value"], rows, sortable=True,
                             caption=f"report.json[{spec.name!r}]: the numbers {spec.origin.ref} returned"))
     for fig_name, fig in figures.items():
         blocks.append(Figure(f"{spec.name}/{fig_name}", fig))

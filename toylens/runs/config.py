@@ -99,6 +99,7 @@ class TrainConfig:
     threads: int | None = 0  # torch intra-op threads; 0: auto (1 on a busy machine, else one per core); null: torch's
     resume: str | None = None  # a run directory to continue bit-for-bit
     task_source: str | None = None  # resume=: a .py file holding the run's own task class when its file is gone
+    data_path: str | None = None  # resume=: where the run's data file (task.path) is now, when it moved
     model: ModelConfig = field(default_factory=ModelConfig)
     task: Any = MISSING  # one of the task config dataclasses (toylens.data)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -228,6 +229,9 @@ def validate(cfg: TrainConfig) -> None:
         msg = " ".join(str(e).split())
         raise ConfigError(msg if msg.startswith("task") else f"task ({cfg.task.name}): {msg}") from None
     check_task_contract(task, cfg.device)
+    _need(cfg.data_path is None or bool(cfg.resume),
+          f"data_path={cfg.data_path} only points a resumed run at its moved data file; for a new run set "
+          f"task.path={cfg.data_path} instead")
     m, o, t, lg = cfg.model, cfg.optim, cfg.train, cfg.logger
     for key in ("n_layers", "d_model", "n_heads", "d_head"):
         _need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")

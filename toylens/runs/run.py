@@ -70,9 +70,15 @@ class Run:
 
     @functools.cached_property
     def task(self) -> Task:
+        """The run's task, rebuilt from its saved config; RunError (one line) when it cannot be (its data file
+        moved: pass ``data_path=``)."""
         from toylens.data import make_task
 
-        return make_task(self.config.task)
+        check_data_file(self.path, self.config)
+        try:
+            return make_task(self.config.task)
+        except (ValueError, TypeError) as e:  # the task checks its own settings and data: one line with its fix
+            raise RunError(f"{self.path}: the run's task cannot be rebuilt: {_one_line(e)}") from None
 
     def batch(self, size: int, seed: int = ANALYSIS_SEED, device: str | torch.device = "cpu") -> Batch:
         """``size`` rows of the run's task, the same rows for the same seed on every device
@@ -164,12 +170,14 @@ class Run:
                            f"({_one_line(e, 200)}); restore the file written by toylens-train") from None
 
 
-def load_run(path: str | Path, task_source: str | Path | None = None) -> Run:
+def load_run(path: str | Path, task_source: str | Path | None = None, data_path: str | Path | None = None) -> Run:
     """Read a run directory written by ``toylens-train`` (raises ``RunError``, one line, on any problem).
 
     A run of the user's own task loads that task's class again from the file or module it recorded
     (``task_source.json``); ``task_source``: a .py file to load it from instead (e.g. ``<run>/task_source.py``, the
-    copy saved with the run). See ``toylens.runs.task_source``."""
+    copy saved with the run). See ``toylens.runs.task_source``. ``data_path``: where the task's data file
+    (``task.path``, e.g. a ``task=sequences`` file) is now, when it moved; its SHA-256 is checked against the one
+    recorded with the run (a different file warns with both hashes)."""
     p = Path(path).expanduser().resolve()
     hint = "pass run=<the directory toylens-train printed>"
     if not p.exists():
@@ -186,6 +194,9 @@ def load_run(path: str | Path, task_source: str | Path | None = None) -> Run:
     except TaskSourceError as e:
         raise RunError(str(e)) from None
     config = _read_train_config(cfg_path)
+    if data_path is not None:
+        config.task = with_data_path(config.task, data_path, p)
+    check_data_file(p, config)
     model_config = _read_model_config(p / "model_config.json")
     steps = ck.list_checkpoints(p)
     if not steps:
@@ -196,6 +207,36 @@ def load_run(path: str | Path, task_source: str | Path | None = None) -> Run:
     except CheckpointError as e:
         raise RunError(f"{_one_line(e)}; metrics.jsonl is garbled, restore or delete the bad line") from None
     return Run(path=p, config=config, model_config=model_config, steps=steps, metrics=metrics)
+
+
+def with_data_path(task_cfg, data_path: str | Path, run_dir: Path):
+    """``task_cfg`` reading its data from ``data_path`` (absolute) instead of the recorded ``task.path``; the recorded
+    SHA-256 stays, so the task warns when the file there differs. RunError when the task reads no file."""
+    import dataclasses
+
+    if "path" not in {f.name for f in dataclasses.fields(task_cfg)}:
+        raise RunError(f"data_path={data_path}: {run_dir}'s task {task_cfg.name} reads no data file (it has no "
+                       f"task.path); drop data_path")
+    full = Path(data_path).expanduser().absolute()
+    if not full.is_file():
+        raise RunError(f"data_path={data_path}: no such file {full}; give the data file's path (relative to where "
+                       f"you run, or absolute)")
+    return dataclasses.replace(task_cfg, path=str(full))
+
+
+def check_data_file(run_dir: Path, config: TrainConfig) -> None:
+    """RunError (one line) when the run's task reads a data file (``task.path``, recorded with its ``task.sha256``, as
+    ``task=sequences`` does) that is not there any more: it names the recorded file and how to point at its new place.
+    Other tasks' settings named ``path`` need not be files, so they are left to the task."""
+    recorded = getattr(config.task, "path", None)
+    if not (isinstance(recorded, str) and hasattr(config.task, "sha256")) or recorded in ("", "???"):
+        return
+    if Path(recorded).expanduser().is_file():
+        return
+    sha = getattr(config.task, "sha256", None)
+    was = f" (sha256 {sha[:12]} when it trained)" if isinstance(sha, str) else ""
+    raise RunError(f"task.path={recorded}: the data file of the run {run_dir} is gone{was}; put it back, or pass "
+                   f"data_path=<where it is now> (toylens-analyze, toylens-train resume=, load_run(path, data_path=))")
 
 
 def _read_train_config(path: Path) -> TrainConfig:

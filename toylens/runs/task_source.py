@@ -159,7 +159,15 @@ def _check_hash(path: Path, recorded: str | None, name: str, copy: Path) -> None
         _changed(path, recorded, now, name, copy)
 
 
+_WARNED: set[tuple[str, str, str]] = set()  # (file, hash was, hash now) already warned about in this process
+
+
 def _changed(path: Path, was: str, now: str, name: str, copy: Path) -> None:
+    """Warn once per process: ``resume=`` restores the task more than once (the command line's check, then the
+    training), and Python's own once-per-place filter is reset whenever anything changes the warning filters."""
+    if (str(path), was, now) in _WARNED:
+        return
+    _WARNED.add((str(path), was, now))
     use = f"; pass task_source={copy} to use the run's own copy" if copy.is_file() else ""
     warnings.warn(f"task {name}: {path} changed since the run (sha256 was {was[:12]}, now {now[:12]}); using it as it "
                   f"is now{use}", TaskSourceChanged, stacklevel=3)

@@ -73,13 +73,16 @@ class SweepIndexCallback(Callback):
         check_launcher(config)
         local_ray_on_loopback(config)
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        overrides = [str(o) for o in config.hydra.overrides.task]
+        # canonical on both sides (task files absolute): the same sweep may be finished from another directory
+        overrides = ix.canonical_overrides([str(o) for o in config.hydra.overrides.task], os.getcwd())
         previous = ix.sweep_overrides(sweep_dir)
         if previous is not None and previous != overrides:
             _fail(f"hydra.sweep.dir={sweep_dir} holds a sweep of other overrides ({' '.join(previous)}); "
                   f"re-run it with exactly those overrides to finish it, or choose a new hydra.sweep.dir")
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        ix.update_index(sweep_dir, planned=planned_jobs(config))
+        planned = planned_jobs(config)
+        ix.update_index(sweep_dir, planned=None if planned is None else
+                        [ix.canonical_overrides(job, os.getcwd()) for job in planned])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -112,12 +113,36 @@ def locked(sweep_dir: Path):
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str] | None:
-    """The sweep's command-line overrides, from Hydra's ``multirun.yaml`` (None when absent)."""
+    """The sweep's command-line overrides, from Hydra's ``multirun.yaml`` (None when absent), canonical: task file
+    references made absolute against the directory the sweep was launched from (``canonical_overrides``)."""
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
         return None
     cfg = OmegaConf.load(path)
-    return [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
+    raw = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []]
+    return canonical_overrides(raw, OmegaConf.select(cfg, "hydra.runtime.cwd", default=None))
+
+
+def unescape(value: str) -> str:
+    """A value as typed: Hydra's sweeper escapes special characters in a job's values (``majority.py\\:Majority``)."""
+    return re.sub(r"\\(.)", r"\1", value)
+
+
+def canonical_overrides(overrides: list[str], base: str | Path | None) -> list[str]:
+    """``overrides`` with each ``task=`` value unescaped and a task file reference made absolute against ``base`` (the
+    directory the command ran in; None: this process's), so a sweep launched as ``task=majority.py:Majority`` from
+    one directory is the same sweep as ``task=/abs/majority.py:Majority`` from another. A swept list
+    (``task=a.py:A,b.py:B``) is canonicalised value by value."""
+    from toylens.refs import canonical
+
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+~") == "task":
+            values = re.split(r"(?<!\\),", value)  # an escaped comma belongs to its value
+            o = f"{key}={','.join(canonical(unescape(v.strip()), base) for v in values)}"
+        out.append(o)
+    return out
 
 
 def _launcher(sweep_dir: Path) -> str | None:
@@ -135,7 +160,7 @@ def _params(overrides: list[str]) -> dict[str, str]:
     for o in overrides:
         if "=" in o and not o.lstrip("+~").startswith("hydra."):
             key, value = o.split("=", 1)
-            out[key.lstrip("+~")] = value
+            out[key.lstrip("+~")] = unescape(value)  # shown as typed, not as Hydra's sweeper escaped it
     return out
 
 

@@ -27,8 +27,10 @@ def run_sweep_job(dcfg: DictConfig, hc) -> str | None:
     num = int(hc.job.num)
     overrides = [str(o) for o in hc.overrides.task]
     label = f"job {num} [{' '.join(overrides)}]"
+    # recorded and compared canonical (task files absolute, values unescaped): resumable from any directory
+    canon = ix.canonical_overrides(overrides, hc.runtime.cwd)
     prev = ix.read_record(run_dir)
-    if prev is not None and prev.get("overrides") != overrides:  # never touch another run's directory
+    if prev is not None and ix.canonical_overrides(prev.get("overrides") or [], hc.runtime.cwd) != canon:
         raise ix.SweepError(f"{run_dir} belongs to a run with other overrides "
                             f"({' '.join(prev.get('overrides') or [])}); use a new hydra.sweep.dir")
     status = ix.effective_status(prev) if prev else None
@@ -42,7 +44,7 @@ def run_sweep_job(dcfg: DictConfig, hc) -> str | None:
 
     steps = ck.list_checkpoints(run_dir)
     resume = prev is not None and bool(steps)
-    rec = {"num": num, "overrides": overrides, "status": "running", "started": ix.now(),
+    rec = {"num": num, "overrides": canon, "status": "running", "started": ix.now(),
            "launches": int((prev or {}).get("launches", 0)) + 1, **ix.process_info()}
     if resume:
         rec["resumed_from"] = steps[-1]
@@ -63,7 +65,7 @@ def run_sweep_job(dcfg: DictConfig, hc) -> str | None:
                        overrides=overrides)
     except Exception as e:
         rec["wall_s"] = round(time.perf_counter() - t0, 3)
-        return _failed(run_dir, sweep_dir, num, overrides, rec, label, e)
+        return _failed(run_dir, sweep_dir, num, canon, rec, label, e)
     except BaseException:  # KeyboardInterrupt, SystemExit: record it, then let it stop the sweep
         ix.write_record(run_dir, {**rec, "status": "interrupted", "ended": ix.now()})
         raise

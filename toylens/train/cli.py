@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from toylens import _cli
 from toylens._paths import config_dir
@@ -85,6 +86,7 @@ def _precheck(argv: list[str]) -> list[str]:
     overrides = _cli.overrides_of(argv)
     if overrides is None:
         return argv
+    _check_moved_data(overrides)
     from toylens.runs.config import TrainConfig, resolve_device, validate
 
     dcfg = _cli.compose(config_dir(), "train", overrides)
@@ -93,6 +95,8 @@ def _precheck(argv: list[str]) -> list[str]:
         del dcfg["hydra"]
     try:
         cfg = OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as e:  # task=sequences without task.path: name the key and the fix
+        raise ConfigError(_cli.missing_message(e)) from None
     except Exception as e:
         raise ConfigError(" ".join(str(e).split("\n")[0].split())) from None
     _cli.check_no_unknown_keys(dcfg, cfg, overrides)
@@ -114,6 +118,15 @@ def _precheck(argv: list[str]) -> list[str]:
                     else "checkpoint_root")
     _created.extend(p for p in run_dir.parents if not p.exists())
     return argv
+
+
+def _check_moved_data(overrides: list[str]) -> None:
+    """``resume=<run> task.path=<file>``: a resumed run keeps its task; its data file's new place is ``data_path=``
+    (without this, the default task's composition would only say task.path is not a setting)."""
+    keys = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[-1] for o in overrides}
+    if "resume" in keys and "task.path" in keys and "task" not in keys:
+        raise ConfigError(f"task.path={keys['task.path']}: a resumed run keeps its task settings; to point the run "
+                          f"at its moved data file pass data_path={keys['task.path']} instead")
 
 
 def _check_writable(run_dir: Path, field: str) -> None:
@@ -195,10 +208,11 @@ def help_text(argv: list[str] = ()) -> str:
     at = next(i for i, line in enumerate(groups) if line.lstrip().startswith("task=")) + 1
     groups[at:at] = more
     register_configs()
-    chosen = [a for a in argv if a.split("=", 1)[0].lstrip("+") in ("task", "experiment")]
+    chosen = [a for a in argv if a.split("=", 1)[0].lstrip("+").split(".")[0] in ("task", "experiment")]
     dcfg = _cli.compose(config_dir(), "train", _task_options(chosen))
     with open_dict(dcfg):
         del dcfg["hydra"]
+    _cli.show_missing(dcfg)  # task=sequences: task.path has no default; --help shows it as <required>
     cfg = OmegaConf.to_object(dcfg)  # the defaults as configs/train.yaml composes them
     assert isinstance(cfg, TrainConfig)
     settings = [s for s in _cli.settings_lines(cfg) if not s.lstrip().startswith("task.")]

@@ -158,6 +158,14 @@ def evaluate(forward, task: Task, batch: Batch, chunk_rows: int = 512) -> tuple[
     return (loss_sum / n_tok).item(), (acc_sum / len(batch)).item()
 
 
+def resume_note(start: int, schedule_steps: int, steps: int) -> str:
+    """What a resume past the lr schedule's end does: the steps still to run (``start + 1`` on, and only those after
+    the schedule's end) run at its final rate."""
+    first = max(start, schedule_steps) + 1
+    return (f"toylens: resuming at step {start}; the learning-rate schedule keeps its {schedule_steps} steps, so steps "
+            f"{first}-{steps} run at its final rate; pass optim.schedule_steps=N to stretch it")
+
+
 def train(cfg: TrainConfig, run_dir: Path | None = None, explicit: list[str] | None = None,
           overrides: list[str] | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (or continue ``cfg.resume``); returns where and how it ended.
@@ -216,9 +224,7 @@ def _train_locked(cfg: TrainConfig, run_dir: Path, device: str, overrides: list[
                   f"pass a larger train.steps to continue", file=sys.stderr)
             return TrainResult(run_dir, start, last.get("eval/loss"), last.get("eval/accuracy"), False)
         if t.steps > schedule_steps:
-            print(f"toylens: resuming at step {start}; the learning-rate schedule keeps its {schedule_steps} steps, "
-                  f"so steps {schedule_steps + 1}-{t.steps} run at its final rate; pass optim.schedule_steps=N "
-                  f"to stretch it", file=sys.stderr)
+            print(resume_note(start, schedule_steps, t.steps), file=sys.stderr)
     elif cfg.resume:
         ck.truncate_metrics(run_dir, 0)
     else:

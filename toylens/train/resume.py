@@ -9,6 +9,7 @@ The learning-rate schedule keeps the length it was started with (``optim.schedul
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from toylens.runs.config import ConfigError, TrainConfig, read_saved_config
 CHANGEABLE = (
     "train.steps", "train.stop_at_eval_loss", "train.stop_at_accuracy", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.log_every", "train.progress", "device", "threads",
-    "resume", "checkpoint_root", "logger.", "optim.schedule_steps", "task_source",
+    "resume", "checkpoint_root", "logger.", "optim.schedule_steps", "task_source", "data_path",
 )
 
 
@@ -115,6 +116,35 @@ def resume_checkpoint(run_dir: Path, device: str) -> tuple[int, dict | None, dic
     return 0, None, None
 
 
+def point_at_data(saved: TrainConfig, data_path: str | None, run_dir: Path) -> TrainConfig:
+    """The run's config reading its data file from ``data_path`` when given; ConfigError (one line) when the
+    recorded file is gone and no data_path says where it went (``toylens.runs.run.check_data_file``)."""
+    from toylens.runs.run import RunError, check_data_file, with_data_path
+
+    try:
+        if data_path is not None:
+            saved.task = with_data_path(saved.task, data_path, run_dir)
+        check_data_file(run_dir, saved)
+    except RunError as e:
+        raise ConfigError(f"resume={run_dir}: {e}") from None
+    return saved
+
+
+def as_recorded(task_cfg, saved_cfg):
+    """The requested task config as a run records it (``Task.pinned_config``: absolute path, the data's vocabulary),
+    so a sweep job's ``task.path=seqs.npy`` equals the run's recorded absolute path. The hash stays the run's: a
+    changed file warns when the task is made, as on any resume. A config that cannot be made is left to validate()."""
+    from toylens.data import make_task
+
+    if type(task_cfg) is not type(saved_cfg):
+        return task_cfg
+    try:
+        pinned = make_task(task_cfg).pinned_config()
+    except (ValueError, TypeError):
+        return task_cfg
+    return dataclasses.replace(pinned, sha256=saved_cfg.sha256) if hasattr(pinned, "sha256") else pinned
+
+
 def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> TrainConfig:
     """The config to resume with: the run's saved config plus the allowed explicit changes.
 
@@ -125,8 +155,10 @@ def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> Trai
     run_dir = Path(requested.resume).expanduser().resolve()
     if not run_dir.is_dir():
         raise ConfigError(f"resume={requested.resume}: no such directory; pass an existing run directory")
-    saved = load_run_config(run_dir, requested.task_source)
+    saved = point_at_data(load_run_config(run_dir, requested.task_source), requested.data_path, run_dir)
     prefixes = [""] if explicit is None else explicit
+    if any(p in ("", "task") or p.startswith("task.") for p in prefixes):
+        requested = dataclasses.replace(requested, task=as_recorded(requested.task, saved.task))
     req, old = _leaves(requested.to_dict()), _leaves(saved.to_dict())
     merged = dict(old)
     for key, value in req.items():
@@ -134,6 +166,9 @@ def reconcile(requested: TrainConfig, explicit: list[str] | None = None) -> Trai
             continue
         if _changeable(key):
             merged[key] = value
+        elif value != old.get(key) and key == "task.path":  # the run's data moved: data_path= says where
+            raise ConfigError(f"resume: task.path={value} differs from the run being resumed ({old.get(key)}); to "
+                              f"point the run at its moved data file pass data_path={value} instead")
         elif value != old.get(key):
             raise ConfigError(
                 f"resume: {key}={value!r} differs from the run being resumed ({old.get(key)!r}); "

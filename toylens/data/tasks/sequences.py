@@ -37,6 +37,7 @@ class SequencesConfig(TaskConfig):
     loss: str = "next_token"  # next_token | given (the file's targets and loss_mask)
     d_vocab: int | None = None  # null: the largest id + 1 (text symbols: the vocabulary's size)
     vocab: str | None = None  # text: a file of token names, one a line (the symbols' ids); null: symbols seen, sorted
+    names: list[str] | None = None  # text symbols: the token names by id, pinned by a run (task.vocab is then not read)
     pad: str | None = None  # text: right-pad shorter rows with this token, no loss there; null: ragged rows are errors
     frac_train: float = 0.9  # share of sequences trained on; the rest held out by a hash of each sequence
     split_seed: int = 0  # seed of that hash
@@ -49,6 +50,19 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_WARNED: set[tuple[str, str, str]] = set()  # (file, hash was, hash now) already warned about in this process
+
+
+def _check_hash(path: Path, recorded: str) -> None:
+    """Warn (once per process: a run's task is rebuilt several times by one command) when the file is not the one
+    the run recorded."""
+    now = _sha256(path)
+    if now != recorded and (str(path), recorded, now) not in _WARNED:
+        _WARNED.add((str(path), recorded, now))
+        warnings.warn(f"task.path={path} changed since the run (sha256 was {recorded[:12]}, now {now[:12]}): the "
+                      f"split and batches may differ", stacklevel=3)
 
 
 def _is_int(a) -> bool:
@@ -69,11 +83,16 @@ class Sequences(Task):
 
     def __init__(self, cfg: SequencesConfig):
         super().__init__(cfg)
-        require(cfg.path not in ("???", ""), "path", cfg.path, "is required: task.path=<your file of sequences>")
+        if cfg.path in ("???", ""):
+            raise ValueError("task.path=???: no file given; add task.path=<your file of sequences> (.npy, .pt, "
+                             ".safetensors, or text: one sequence a line)")
         self.path = Path(cfg.path).expanduser().absolute()
         where = f"task.path={cfg.path}: {self.path}"
         if not self.path.is_file():
-            raise ValueError(f"{where}: no such file; give a path relative to where you run, or an absolute one")
+            # a recorded (absolute) path is not "relative to where you run": saying so would mislead
+            fix = ("give the path of an existing file" if Path(cfg.path).expanduser().is_absolute()
+                   else "give a path relative to where you run, or an absolute one")
+            raise ValueError(f"{where}: no such file; {fix}")
         fmt = cfg.format if cfg.format != "auto" else {".npy": "npy", ".pt": "pt", ".safetensors": "safetensors"}.get(
             self.path.suffix.lower(), "text")
         require(fmt in ("npy", "pt", "safetensors", "text"), "format", cfg.format, "is unknown; choose auto, npy, pt, "
@@ -81,11 +100,9 @@ class Sequences(Task):
         require(cfg.loss in ("next_token", "given"), "loss", cfg.loss, "is unknown; choose next_token or given")
         require(0 < cfg.frac_train < 1, "frac_train", cfg.frac_train, "must lie in (0, 1), e.g. 0.9")
         if cfg.sha256 is not None:
-            now = _sha256(self.path)
-            if now != cfg.sha256:
-                warnings.warn(f"task.path={self.path} changed since the run (sha256 was {cfg.sha256[:12]}, now "
-                              f"{now[:12]}): the split and batches may differ", stacklevel=2)
+            _check_hash(self.path, cfg.sha256)
         self.names: list[str] | None = None
+        self._distinct: bool | None = None  # two different training rows exist (corrupt() pairs them)
         self.lengths: np.ndarray | None = None  # text with padding: each row's own length
         data = self._read_text(where) if fmt == "text" else self._read_array(fmt, where)
         self.tokens, self.given_mask, self.given_targets = data
@@ -104,8 +121,7 @@ class Sequences(Task):
 
                 obj = load_file(str(self.path))
         except Exception as e:
-            raise ValueError(f"{where}: not a readable {fmt} file ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:120]}); check task.format") from None
+            raise ValueError(f"{where}: {_unreadable(self.path, fmt, e)}") from None
         if isinstance(obj, dict):
             require("tokens" in obj, "path", self.cfg.path, f"({self.path}) holds {sorted(obj)[:6]} but no "
                     f"'tokens'; save the sequences under the key tokens")
@@ -122,7 +138,9 @@ class Sequences(Task):
                              f"sequence a line, or set task.format") from None
         rows = [(i + 1, line.split()) for i, line in enumerate(lines) if line.strip()]
         require(bool(rows), "path", self.cfg.path, f"({self.path}) holds no sequences; write one sequence a line")
-        if self.cfg.vocab is not None:
+        if self.cfg.names is not None:  # pinned by the run: its ids never move, whatever the file holds now
+            self.names = list(self.cfg.names)
+        elif self.cfg.vocab is not None:
             vpath = Path(self.cfg.vocab).expanduser().absolute()
             if not vpath.is_file():
                 raise ValueError(f"task.vocab={self.cfg.vocab}: no such file {vpath}")
@@ -147,8 +165,7 @@ class Sequences(Task):
             try:
                 ids = [index[t] for t in r] if index is not None else [int(t) for t in r]
             except KeyError as e:
-                raise ValueError(f"{where}: line {line}: token {e.args[0]!r} is not in task.vocab "
-                                 f"({self.cfg.vocab}); add it there") from None
+                raise ValueError(f"{where}: line {line}: {self._unknown_symbol(e.args[0])}") from None
             out[k, : len(ids)] = ids
             if pad_id is not None:
                 out[k, len(ids):] = pad_id
@@ -156,6 +173,12 @@ class Sequences(Task):
         self.lengths = lengths if pad_id is not None else None
         self.line_of = [line for line, _ in rows]
         return out, None, None
+
+    def _unknown_symbol(self, symbol: str) -> str:
+        if self.cfg.names is not None:
+            return (f"symbol {symbol!r} is not in the run's vocabulary (task.names: the {len(self.names)} symbols "
+                    f"pinned when it trained); restore the file the run trained on, or train a new run on this one")
+        return f"token {symbol!r} is not in task.vocab ({self.cfg.vocab}); add it there"
 
     # --- checking, once ------------------------------------------------------------------------
     def _row_name(self, i: int) -> str:
@@ -257,8 +280,28 @@ class Sequences(Task):
         pick = torch.randint(0, len(self.held_rows), (size,), generator=gen)
         return self._batch(self.held_rows[pick], device)
 
+    def corrupt_unavailable(self) -> str | None:
+        """corrupt() pairs a row with another, different training row: none exists when the training side holds
+        one distinct sequence (a tiny file), so it is not offered then, and this says why."""
+        if self._distinct_training_rows():
+            return None
+        n = len(self.train_rows)
+        return (f"task.path={self.path}: corrupt() needs at least 2 distinct training sequences to pair, the training "
+                f"side holds {n} row(s) and no two differ; add sequences to the file (or raise task.frac_train)")
+
+    def _distinct_training_rows(self) -> bool:
+        """Whether two training rows differ; read in chunks (a big file stops at its first chunk), once."""
+        if self._distinct is None:
+            first = _gather(self.tokens, self.train_rows[:1].numpy())
+            self._distinct = any(bool((_gather(self.tokens, self.train_rows[lo: lo + CHUNK].numpy()) != first).any())
+                                 for lo in range(0, len(self.train_rows), CHUNK))
+        return self._distinct
+
     def corrupt(self, batch: Batch, generator: torch.Generator) -> Batch:
         """Other training sequences, each different from its clean row (redrawn where equal)."""
+        why = self.corrupt_unavailable()
+        if why:
+            raise NotImplementedError(why)
         out = self.sample(len(batch), generator)
         for _ in range(20):
             same = (out.tokens == batch.tokens).all(1)
@@ -271,8 +314,25 @@ class Sequences(Task):
         return out
 
     def pinned_config(self) -> SequencesConfig:
+        """The file's absolute path and hash, and the vocabulary as trained (``d_vocab``, and a symbol file's token
+        names): the run decodes with its own ids even when the file gains a symbol that would sort earlier."""
         vocab = str(Path(self.cfg.vocab).expanduser().absolute()) if self.cfg.vocab else None
-        return dataclasses.replace(self.cfg, path=str(self.path), vocab=vocab, sha256=_sha256(self.path))
+        names = list(self.names) if self.names is not None else None
+        return dataclasses.replace(self.cfg, path=str(self.path), vocab=vocab, sha256=_sha256(self.path),
+                                   d_vocab=self._d_vocab, names=names)
+
+
+def _unreadable(path: Path, fmt: str, e: Exception) -> str:
+    """Why an array file cannot be read, and the fix (numpy's own text is about unpickling, which is refused)."""
+    if fmt == "npy":
+        with open(path, "rb") as f:
+            is_npy = f.read(6) == b"\x93NUMPY"
+        what = ("a .npy of pickled Python objects (refused: loading it could run code)" if is_npy
+                else "not a numpy .npy array file (no .npy header)")
+        return f"{what}; save the sequences with np.save(path, int_array), or set task.format=text for a text file"
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 120 else text[:120].rsplit(" ", 1)[0] + " ..."
+    return f"not a readable {fmt} file ({type(e).__name__}: {text}); check task.format"
 
 
 def _gather(a, idx: np.ndarray) -> torch.Tensor:
