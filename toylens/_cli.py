@@ -118,12 +118,21 @@ def _composition_message(e: Exception, config_dir: Path, config_name: str, overr
     return f"{first} (from the overrides {' '.join(overrides)})"
 
 
+_TYPES = {"Integer": "an int", "Float": "a number", "bool": "true or false"}
+
+
+def expected_type(omegaconf_error: str) -> str | None:
+    """What type omegaconf wanted, in words (``an int``), from its first error line; None for another error."""
+    for word, wanted in _TYPES.items():
+        if f"converted to {word}" in omegaconf_error or f"not a valid {word}" in omegaconf_error:
+            return wanted
+    return None
+
+
 def _merge_message(override: str, problem: str, config_dir: Path, config_name: str, overrides: list[str]) -> str:
     """``task.n_bits='abc': expected an int (e.g. task.n_bits=9)``: the wrong type in words, with the default as the
     example (composed from the other overrides); omegaconf's own first line for other problems."""
     from omegaconf import OmegaConf
-
-    from toylens.data.registry import expected_type
 
     key, _, value = override.partition("=")
     key = key.lstrip("+~")

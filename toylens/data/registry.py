@@ -140,6 +140,8 @@ def task_config(value: Any, *, key: str = "task") -> TaskConfig:
             lines = str(e).splitlines()
             field = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
             where = f"{key}.{field}={d.get(field)!r}" if field in d else f"{key} ({name})"
+            from toylens._cli import expected_type
+
             wanted = expected_type(lines[0])
             if wanted and field in d:
                 example = getattr(cls.config_cls(), field, None)
@@ -148,17 +150,6 @@ def task_config(value: Any, *, key: str = "task") -> TaskConfig:
         return dataclasses.replace(cfg, name=name if name in TASKS else _canonical_of(cls, name))
     raise TaskRefError(f"{key}={value!r}: give a task name, a reference module:Class / file.py:Class, a Task "
                        f"subclass or its config")
-
-
-_TYPES = {"Integer": "an int", "Float": "a number", "bool": "true or false"}
-
-
-def expected_type(omegaconf_error: str) -> str | None:
-    """What type omegaconf wanted, in words (``an int``), from its first error line; None for another error."""
-    for word, wanted in _TYPES.items():
-        if f"converted to {word}" in omegaconf_error or f"not a valid {word}" in omegaconf_error:
-            return wanted
-    return None
 
 
 def _yaml(value: Any) -> str:
