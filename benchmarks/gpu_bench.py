@@ -161,6 +161,9 @@ def main() -> None:
     models = {"seed (2 layers, d_model 64)": [],
               "4 layers, d_model 256": ["model.n_layers=4", "model.d_model=256", "model.n_heads=4", "model.d_head=64",
                                         "model.d_mlp=1024"]}
+    if dry:  # the code paths only: the big model's shape at a quarter of its width (bf16 is emulated on a CPU)
+        models["4 layers, d_model 256"] = ["model.n_layers=4", "model.d_model=64", "model.n_heads=4",
+                                           "model.d_head=16", "model.d_mlp=256"]
     batches = (8,) if dry else (256, 1024)
     steps, warmup = (2, 1) if dry else (30, 5)
     print(f"{'model':<30}{'batch':>6}{'prec':>6}{'forward':>9}{'ms/step':>10}{'tok/s':>12}{'% peak':>8}"
