@@ -35,7 +35,7 @@ FILE = re.compile(r"^# file: (\S+)\n")  # a python block the reader saves as tha
 TINY_TRAIN = ["train.steps=4", "train.batch_size=8", "train.eval_size=16", "train.eval_every=2",
               "train.checkpoint_every=2", "train.log_every=2", "train.progress=false"]
 TINY_ANALYZE = ["batch.size=24", "reference.size=24", "pairs.n=4", "tracing.prompts=2", "tracing.n_samples=1",
-                "task_vectors.n=8", "progress=false"]
+                "task_vectors.n=8", "llc.num_chains=1", "llc.num_draws=16", "llc.n_rows=64", "progress=false"]
 TINY_SWEEP_REPORT = ["--batch-size", "24", "--reference-size", "24", "--quiet"]
 TINY_SAE = ["d_sae=32", "steps=20", "batch_tokens=256", "eval_sequences=16", "cards=2", "log_every=5"]
 SKIP = [(r"^hydra/launcher=(ray|slurm)$", "a Ray or SLURM sweep needs a cluster (tests/sweep runs the launchers)")]

@@ -106,3 +106,25 @@ def test_without_devinterp_the_llc_is_refused_before_any_work(run_dir, monkeypat
     cfg = _cfg(run_dir)
     cfg.dynamics.analyses = ["attention"]
     validate(cfg)  # not asked for: not needed
+
+
+def test_a_modular_add_run_lines_its_stages_up_with_the_grokking_phases(tmp_path, tiny_run):
+    from toylens.data import TASKS
+    from toylens.runs.config import ModelConfig
+
+    d = tiny_run(tmp_path / "mod", **{
+        "task": TASKS["modular_add"].config_cls(p=11, frac_train=0.4, split_seed=2),
+        "model": ModelConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=40, act_fn="relu",
+                             normalization_type=None, positional_embedding_type="standard"),
+        "train.checkpoint_every": 10, "train.steps": 150, "optim.lr": 1e-2, "train.keep_last": 100})
+    cfg = _cfg(d)
+    cfg.analyses = ["fourier"]
+    index = make_report(load_run(d), cfg)
+    data = json.loads((index.parent / "report.json").read_text())
+    grok = data["dynamics_canon"]["grokking"]
+    spans = {k: v for k, v in grok["phases"].items() if k != "note" and v}
+    assert spans and data["development"]["stages"][-1]["to_step"] == 150
+    for st in data["development"]["stages"]:  # each stage names exactly the located phases it overlaps
+        want = [k for k, v in spans.items() if v[0] < st["to_step"] and v[1] > st["from_step"]]
+        assert st["grokking_phases"] == want
+    assert "development/shared_axis" in [f["name"] for f in data["figures"]]

@@ -208,8 +208,17 @@ def shared_axis_figure(steps, llc_res, res, heads, formed, edges, grok, stages) 
     for c, v in llc_res.components.items():
         fig.add_trace(go.Scatter(x=steps, y=v.tolist(), mode="lines", name=f"LLC {c}"), row=at["LLC per component"],
                       col=1)
-    fig.add_trace(go.Scatter(x=steps, y=res.loss.tolist(), mode="lines+markers", name="loss"), row=at["loss"], col=1)
-    if grok:
+    fig.add_trace(go.Scatter(x=steps, y=res.loss.tolist(), mode="lines+markers", name="loss (evaluation batch)"),
+                  row=at["loss"], col=1)
+    if grok:  # Nanda et al.'s phases, as located by the canon section, shaded in the loss row
+        colors = {"memorisation": "rgba(31,119,180,0.10)", "circuit_formation": "rgba(255,127,14,0.12)",
+                  "cleanup": "rgba(44,160,44,0.12)"}
+        for name, color in colors.items():
+            span = (grok.get("phases") or {}).get(name)
+            if span:
+                fig.add_vrect(x0=span[0], x1=span[1], fillcolor=color, line_width=0, row=at["loss"], col=1,
+                              annotation_text=name.replace("_", " "), annotation_position="bottom left",
+                              annotation_font_size=10)
         for k, v in grok["losses"].items():
             if k.startswith(("restricted", "excluded")):
                 fig.add_trace(go.Scatter(x=grok["steps"], y=v, mode="lines", name=k, line=dict(dash="dot")),
