@@ -72,9 +72,12 @@ def health_notes(warnings: dict, steps: list[int]) -> list[Note]:
     if not by_check:
         return [Note(f"Chain health: at all {len(steps)} checkpoints the chains stayed near the checkpoint (no "
                      f"divergence), moved, took steps small against their noise and settled.", "pass")]
+    after = {"negative": "Before the loss settles into a minimum (early in training) this is expected: read those "
+                         "points as 'not at a minimum', not as a value."}
     return [Note(f"LLC chain health ({check}) at {len(hit)} of {len(steps)} checkpoints (steps "
-                 f"{', '.join(map(str, hit[:8]))}{' ...' if len(hit) > 8 else ''}): {text}. The curve there is not "
-                 f"to be trusted until this is fixed.", "warn") for check, (text, hit) in by_check.items()]
+                 f"{', '.join(map(str, hit[:8]))}{' ...' if len(hit) > 8 else ''}): {text}. "
+                 + after.get(check, "The curve there is not to be trusted until this is fixed."), "warn")
+            for check, (text, hit) in by_check.items()]
 
 
 def _traces_figure(res) -> go.Figure:
