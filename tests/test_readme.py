@@ -3,12 +3,12 @@ tiny settings, in a scratch working directory.
 
 Tiny settings are what a user would append to check that a command runs: each ``toylens-train``
 gets ``TINY_TRAIN`` appended (Hydra: the last value of a key wins; a resume only ``train.steps``),
-each ``toylens-analyze`` ``TINY_ANALYZE``, each ``toylens-sae`` ``TINY_SAE``; a Python
-``cfg = TrainConfig(...)`` line is followed by the same settings as attribute assignments. Placeholders
-are filled from what earlier commands printed: ``<... run directory>``/``<dir>`` is the last run
-directory, a dated
-``checkpoints/<name>/<time>`` the newest run of that name, ``.../multirun/<time>`` the newest sweep,
-and a Python block's ``path`` a run of the icl task (the block's last line is for icl runs).
+each ``toylens-analyze`` ``TINY_ANALYZE`` (and ``TINY_LLC`` over checkpoints), each ``toylens-sae``
+``TINY_SAE``; a Python ``cfg = TrainConfig(...)`` line is followed by the same settings as attribute
+assignments. Placeholders are filled from what earlier commands printed: ``<... run directory>``/``<dir>``
+is the last run directory, a dated ``checkpoints/<name>/<time>`` the newest run of that name,
+``.../multirun/<time>`` the newest sweep, and a Python block's ``path`` a run of the icl task (the
+block's last line is for icl runs).
 ``model=pretrained`` reads a tiny GPT-2 from a scratch Hugging Face cache (no download). Skipped,
 each with its reason: ``make`` (a Makefile target is checked to exist), ``source``, and sweeps on Ray
 or SLURM (a cluster). Bash blocks run first, in order, then Python blocks.
@@ -35,7 +35,8 @@ FILE = re.compile(r"^# file: (\S+)\n")  # a python block the reader saves as tha
 TINY_TRAIN = ["train.steps=4", "train.batch_size=8", "train.eval_size=16", "train.eval_every=2",
               "train.checkpoint_every=2", "train.log_every=2", "train.progress=false"]
 TINY_ANALYZE = ["batch.size=24", "reference.size=24", "pairs.n=4", "tracing.prompts=2", "tracing.n_samples=1",
-                "task_vectors.n=8", "llc.num_chains=1", "llc.num_draws=16", "llc.n_rows=64", "progress=false"]
+                "task_vectors.n=8", "progress=false"]
+TINY_LLC = ["llc.num_chains=1", "llc.num_draws=16", "llc.n_rows=64"]  # over=checkpoints only (else refused)
 TINY_SWEEP_REPORT = ["--batch-size", "24", "--reference-size", "24", "--quiet"]
 TINY_SAE = ["d_sae=32", "steps=20", "batch_tokens=256", "eval_sequences=16", "cards=2", "log_every=5"]
 SKIP = [(r"^hydra/launcher=(ray|slurm)$", "a Ray or SLURM sweep needs a cluster (tests/sweep runs the launchers)")]
@@ -101,7 +102,7 @@ class Workspace:
         if name == "toylens-train":
             rest += ["train.steps=6"] if any(a.startswith("resume=") for a in rest) else TINY_TRAIN
         elif name == "toylens-analyze":
-            rest += TINY_ANALYZE
+            rest += TINY_ANALYZE + (TINY_LLC if "over=checkpoints" in rest else [])
         elif name == "toylens-sae":
             rest += TINY_SAE
         elif name == "toylens-check-task":

@@ -133,7 +133,10 @@ def test_cli_over_checkpoints_and_its_errors(run, tmp_path, monkeypatch, capsys)
     assert all(not math.isnan(x) for x in data["dynamics"]["fold_max_abs_logprob_diff"])
     for args, needle in [(["over=every"], "over='every'"), (["over=checkpoints", "dynamics.analyses=[dla]"],
                                                              "'dla' is not a dynamics analysis"),
-                         (["over=checkpoints", "dynamics.steps=[7]"], "step=7")]:
+                         (["over=checkpoints", "dynamics.steps=[7]"], "step=7"),
+                         (["dynamics.analyses=[attention]"], "dynamics.analyses=[attention]: read only over "
+                                                             "checkpoints; add over=checkpoints"),
+                         (["llc.lr=1e-5"], "llc.lr=1e-5: read only over checkpoints")]:
         code, out, err = call(f"run={run_dir}", *small, *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and needle in lines[0], err

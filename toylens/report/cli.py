@@ -185,6 +185,11 @@ def _precheck(argv: list[str]) -> None:
     except Exception as e:
         raise ConfigError(" ".join(str(e).split("\n")[0].split())) from None
     _cli.check_no_unknown_keys(dcfg, cfg, overrides)
+    if cfg.over is None:  # settings only over=checkpoints reads would be ignored without a word
+        unread = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~").startswith(("dynamics.", "llc."))),
+                      None)
+        if unread is not None:
+            raise _cli.UsageError(f"{unread}: read only over checkpoints; add over=checkpoints (or drop it)")
 
 
 def main() -> None:
