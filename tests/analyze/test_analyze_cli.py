@@ -208,7 +208,7 @@ def test_a_foreign_report_folder_is_never_replaced(trained, cwd, monkeypatch, ca
 
 
 def test_rerun_replaces_its_own_report_which_carries_the_marker(trained, cwd, monkeypatch, capsys):
-    from toylens.report.html import REPORT_MARKER
+    from toylens.report.folder import REPORT_MARKER
 
     run_dir = Path(shutil.copytree(trained, cwd.parent / "run"))
     for _ in range(2):
@@ -238,7 +238,8 @@ def test_concurrent_report_writers_take_turns(tmp_path):
     """Eight writers on one folder: every write lands whole, none fails with 'Directory not empty'."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from toylens.report.html import REPORT_MARKER, write_report
+    from toylens.report.folder import REPORT_MARKER
+    from toylens.report.html import write_report
     from toylens.report.page import Report
 
     out = tmp_path / "report"

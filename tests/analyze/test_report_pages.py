@@ -9,7 +9,8 @@ from pathlib import Path
 
 from toylens.report.build import report_folder
 from toylens.report.config import AnalyzeConfig
-from toylens.report.html import REPORT_MARKER, render
+from toylens.report.folder import REPORT_MARKER
+from toylens.report.html import render
 from toylens.report.page import Report, Section, Table
 
 

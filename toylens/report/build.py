@@ -179,7 +179,7 @@ def _lost_sections(folder: Path, report: Report) -> list[str]:
     a foreign folder is refused later by write_report, with one line)."""
     import json
 
-    from toylens.report.html import REPORT_MARKER
+    from toylens.report.folder import REPORT_MARKER
 
     try:
         old = {s["id"] for s in json.loads((folder / "report.json").read_text()).get("sections", [])}

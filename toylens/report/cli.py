@@ -42,7 +42,7 @@ def _hydra_main(dcfg: DictConfig) -> str | None:
     from toylens.analyze.pairs import PairsError
     from toylens.report.build import AnalysisFailed, make_report
     from toylens.report.config import validate
-    from toylens.report.html import check_report_dir
+    from toylens.report.folder import check_report_dir
     from toylens.runs.checkpoint import CheckpointError
     from toylens.runs.run import RunError, load_run
     from toylens.runs.tokenizer import PromptError

@@ -21,14 +21,11 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
+from toylens.report.folder import PLOTLY_JS, check_report_dir, swap_in
 from toylens.report.page import Figure, Note, Report, Table, View
-from toylens.runs.config import ConfigError
-
-PLOTLY_JS = "plotly.min.js"
 
 _CSS = """
 :root { --fg:#1d2430; --muted:#5b6575; --line:#dde2ea; --bg:#f6f7f9; --accent:#2f5fb3; }
@@ -329,73 +326,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, field: str | None =
         (tmp / "index.html").write_text(page, encoding="utf-8")
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        _swap_in(tmp, out_dir, field)
+        swap_in(tmp, out_dir, field)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir / "index.html"
-
-
-REPORT_MARKER = ".toylens-report"
-_LEGACY_FILES = {"index.html", "report.json", "ablation.csv", PLOTLY_JS}  # a report from before the marker
-
-
-class ReportPathError(ConfigError):
-    """The report folder would replace something toylens did not write; one line naming the path."""
-
-
-def is_toylens_report(path: Path) -> bool:
-    """True for a folder toylens wrote as a report: it holds the marker (or, from before the marker,
-    exactly a report's files)."""
-    if not path.is_dir() or path.is_symlink():
-        return False
-    if (path / REPORT_MARKER).is_file():
-        return True
-    names = {p.name for p in path.iterdir()}
-    return {"index.html", "report.json", PLOTLY_JS} <= names <= _LEGACY_FILES
-
-
-def check_report_dir(out_dir: str | os.PathLike, field: str | None = None) -> Path:
-    """Refuse (ReportPathError) a report destination that exists and is not a toylens report, or whose
-    parent cannot be written; call it before the analyses run. Creates nothing."""
-    out_dir = Path(out_dir)
-    if out_dir.is_symlink() or (out_dir.exists() and not is_toylens_report(out_dir)):
-        kind = "a file" if out_dir.is_file() else "a folder toylens did not write"
-        raise ReportPathError(f"{field + '=' if field else ''}{out_dir} is {kind}; a report only replaces a "
-                              f"report toylens wrote, so choose {'a new ' + field if field else 'another place'} "
-                              f"or move that one away")
-    base = next(p for p in (out_dir.parent, *out_dir.parent.parents) if p.exists())
-    try:
-        Path(tempfile.mkdtemp(dir=base, prefix=".toylens-check-")).rmdir()
-    except OSError as e:
-        raise ReportPathError(f"{field + '=' if field else ''}{out_dir}: cannot write in {base} ({e.strerror}); "
-                              f"choose a writable {field or 'place'}") from None
-    return out_dir
-
-
-def _swap_in(new: Path, final: Path, field: str | None = None) -> None:
-    """Replace ``final`` by ``new`` (which gets the report marker): two renames under an exclusive lock on
-    the parent folder, so concurrent writers take turns; if the second rename fails the old folder is
-    put back. Refuses (ReportPathError) to replace anything that is not a toylens report."""
-    import fcntl
-
-    (new / REPORT_MARKER).write_text("written by toylens; this folder is replaced when the report is rewritten\n")
-    os.chmod(new / REPORT_MARKER, 0o644)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed (or the process dies)
-        check_report_dir(final, field)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        try:
-            os.replace(new, final)
-        except BaseException:
-            if old is not None:
-                os.replace(old, final)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        os.close(fd)

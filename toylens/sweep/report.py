@@ -220,7 +220,7 @@ def build_sweep_data(sweep_dir: Path, cfg: SweepReportConfig) -> dict:
 def make_sweep_report(sweep_dir: str | Path, cfg: SweepReportConfig | None = None) -> Path:
     """Build and write ``<sweep>/sweep_report/`` (atomically); log it to wandb when the runs used it.
     Returns the path of ``index.html``."""
-    from toylens.report.html import check_report_dir
+    from toylens.report.folder import check_report_dir
     from toylens.sweep.report_page import build_sections, log_to_wandb, write_page
 
     cfg = cfg or SweepReportConfig()

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 
 from toylens.report import html as rh
 from toylens.report.build import _title, _unique_id
+from toylens.report.folder import swap_in
 from toylens.report.page import Figure, Note, Section, Table
 
 TITLE = "toylens sweep report"
@@ -216,7 +217,7 @@ def ablation_csv(data: dict) -> str:
 
 def write_page(out_dir: Path, data: dict, sections: list[Section]) -> Path:
     """Write ``out_dir/{index.html, report.json, ablation.csv, plotly.min.js}`` atomically; returns index.html.
-    Like a run's report: only a folder toylens wrote is replaced, one writer at a time (``html._swap_in``)."""
+    Like a run's report: only a folder toylens wrote is replaced, one writer at a time (``folder.swap_in``)."""
     from plotly.offline import get_plotlyjs
 
     out_dir = Path(out_dir)
@@ -230,7 +231,7 @@ def write_page(out_dir: Path, data: dict, sections: list[Section]) -> Path:
         (tmp / "index.html").write_text(page, encoding="utf-8")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        rh._swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
